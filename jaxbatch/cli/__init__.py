@@ -1,0 +1,75 @@
+"""`jaxbatch`: the command line. It only parses arguments and calls the library.
+
+Each subcommand lives in its own module (cli/train.py, cli/data.py, ...) with
+`add_parser(subparsers)`, which registers its flags and a `run(args)`.
+Anything the user can fix ends as ONE line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from jaxbatch.errors import JaxbatchError
+
+SUBCOMMANDS = ["train", "data", "experiment", "bench"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage before an error; we print one line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="jaxbatch",
+        description="How mini-batch training really works, in JAX: per-example losses under "
+        "jax.vmap beside batched ones, trained with Optax, measured on your hardware.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    sub.required = True
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"jaxbatch.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except JaxbatchError as err:
+        print(f"jaxbatch {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jaxbatch {args.command}: interrupted", file=sys.stderr)
+        return 130
