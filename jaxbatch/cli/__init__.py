@@ -13,7 +13,7 @@ import sys
 
 from jaxbatch.errors import JaxbatchError
 
-SUBCOMMANDS = ["train", "data", "experiment", "bench"]
+SUBCOMMANDS = ["train"]  # each module adds its name here
 
 
 class OneLineParser(argparse.ArgumentParser):
