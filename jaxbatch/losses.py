@@ -43,11 +43,20 @@ def mse(output, target):
     return jnp.mean((output - target) ** 2)
 
 
-def example_loss(apply_fn, params, x, y, kind: str = "xent"):
-    """The loss of ONE example: x has no batch axis, y is an int label
-    (kind="xent") or a target vector (kind="mse")."""
-    out = apply_fn(params, x)
+def _loss_of_output(out, y, kind):
     return cross_entropy(out, y) if kind == "xent" else mse(out, y)
+
+
+def example_loss_and_output(apply_fn, params, x, y, kind: str = "xent"):
+    """(l(theta; x, y), model output) for ONE example: x has no batch axis, y is
+    an int label (kind="xent") or a target vector (kind="mse")."""
+    out = apply_fn(params, x)
+    return _loss_of_output(out, y, kind), out
+
+
+def example_loss(apply_fn, params, x, y, kind: str = "xent"):
+    """The loss of ONE example, l(theta; x, y)."""
+    return example_loss_and_output(apply_fn, params, x, y, kind)[0]
 
 
 def _reduce(losses, weights, reduction):
@@ -58,32 +67,42 @@ def _reduce(losses, weights, reduction):
     return total if reduction == "sum" else total / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def example_losses(apply_fn, params, xs, ys, kind: str = "xent"):
-    """Per-example losses of a batch, via jax.vmap of `example_loss`."""
-    return jax.vmap(lambda x, y: example_loss(apply_fn, params, x, y, kind))(xs, ys)
+# ---- per-example: the one-example loss under jax.vmap ----------------------
+
+
+def vmap_loss_and_outputs(apply_fn, params, xs, ys, weights=None, kind="xent", reduction="mean"):
+    """(L_B, outputs) with every l_i computed by the one-example loss under jax.vmap."""
+    losses, outs = jax.vmap(lambda x, y: example_loss_and_output(apply_fn, params, x, y, kind))(xs, ys)
+    return _reduce(losses, weights, reduction), outs
 
 
 def vmap_loss(apply_fn, params, xs, ys, weights=None, kind: str = "xent", reduction: str = "mean"):
     """L_B = (1/|B|) sum_i l(theta; x_i, y_i), each l_i computed by the
     one-example loss under jax.vmap."""
-    return _reduce(example_losses(apply_fn, params, xs, ys, kind), weights, reduction)
+    return vmap_loss_and_outputs(apply_fn, params, xs, ys, weights, kind, reduction)[0]
 
 
-def batched_losses(apply_fn, params, xs, ys, kind: str = "xent"):
-    """Per-example losses with the model applied to the whole batch at once."""
+# ---- batched: the model applied to the whole (B, ...) batch ----------------
+
+
+def batched_loss_and_outputs(apply_fn, params, xs, ys, weights=None, kind="xent", reduction="mean"):
+    """(L_B, outputs) from one forward pass over the whole batch."""
     out = apply_fn(params, xs)
     if kind == "xent":
-        return jax.nn.logsumexp(out, axis=-1) - jnp.take_along_axis(out, ys[:, None], axis=-1)[:, 0]
-    return jnp.mean((out - ys) ** 2, axis=-1)
+        losses = jax.nn.logsumexp(out, axis=-1) - jnp.take_along_axis(out, ys[:, None], axis=-1)[:, 0]
+    else:
+        losses = jnp.mean((out - ys) ** 2, axis=-1)
+    return _reduce(losses, weights, reduction), out
 
 
 def batched_loss(apply_fn, params, xs, ys, weights=None, kind: str = "xent", reduction: str = "mean"):
     """The same L_B, the way frameworks compute it: one forward pass over the
     (B, ...) batch, then the mean of the B losses."""
-    return _reduce(batched_losses(apply_fn, params, xs, ys, kind), weights, reduction)
+    return batched_loss_and_outputs(apply_fn, params, xs, ys, weights, kind, reduction)[0]
 
 
 BATCH_LOSSES = {"vmap": vmap_loss, "batched": batched_loss}
+BATCH_LOSSES_AND_OUTPUTS = {"vmap": vmap_loss_and_outputs, "batched": batched_loss_and_outputs}
 
 
 def per_example_grads(apply_fn, params, xs, ys, kind: str = "xent"):

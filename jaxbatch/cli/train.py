@@ -1,0 +1,109 @@
+"""`jaxbatch train`: train a model and print the test accuracy after every epoch."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from jaxbatch.cli import non_negative_float, positive_float, positive_int
+
+
+def add_parser(sub) -> None:
+    from jaxbatch.data import SOURCES
+    from jaxbatch.models import MODELS
+    from jaxbatch.optim import OPTIMIZERS, SCHEDULES
+    from jaxbatch.recipes import RECIPES
+    from jaxbatch.train import LOSS_MODES, REDUCTIONS
+
+    p = sub.add_parser(
+        "train", help="train a model (default: mlp on the bundled digits)",
+        description="Train a model with Optax and print the test accuracy after every epoch. "
+        "With no flags: mlp on the bundled `digits` dataset. Flags override a --recipe.")
+    p.add_argument("--recipe", choices=list(RECIPES), help="a preset reproducing one of the texts' runs")
+    p.add_argument("--model", choices=list(MODELS))
+    p.add_argument("--dataset", help="digits (bundled), mnist, fashion_mnist, kmnist, cifar10")
+    p.add_argument("--data-dir", help="folder holding <dataset>/ files (default $JAXBATCH_DATA or ~/.jaxbatch/data)")
+    p.add_argument("--source", choices=list(SOURCES), help="where to read the dataset from (default auto)")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS))
+    p.add_argument("--lr", type=positive_float, help="learning rate (peak, with a schedule)")
+    p.add_argument("--momentum", type=non_negative_float)
+    p.add_argument("--nesterov", action=argparse_bool(), default=None)
+    p.add_argument("--weight-decay", type=non_negative_float,
+                   help="L2 added to the gradient (sgd, adam), or decoupled (adamw)")
+    p.add_argument("--schedule", choices=list(SCHEDULES))
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--loss", choices=list(LOSS_MODES),
+                   help="vmap: the one-example loss under jax.vmap; batched: the whole batch at once")
+    p.add_argument("--loss-reduction", choices=list(REDUCTIONS))
+    p.add_argument("--input-scale", type=positive_float, help="inputs are pixels / 255 * this (default 1)")
+    p.add_argument("--standardize", action=argparse_bool(), default=None,
+                   help="per-channel standardisation with training-set statistics")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps in all")
+    p.add_argument("--out", help="folder for metrics.jsonl, config.json and params.msgpack "
+                   "(default runs/<recipe or model-dataset>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def argparse_bool():
+    import argparse
+
+    return argparse.BooleanOptionalAction
+
+
+def build_config(args):
+    from jaxbatch.recipes import get_recipe
+    from jaxbatch.train import TrainConfig
+
+    fields = get_recipe(args.recipe) if args.recipe else {}
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            fields[field.name] = value
+    config = TrainConfig(**fields)
+    if config.out is None:
+        config.out = f"runs/{args.recipe or f'{config.model}-{config.dataset}'}"
+    return config
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from jaxbatch.train import train_and_evaluate
+
+    config = build_config(args)
+    bar = None
+
+    def on_progress(event):
+        nonlocal bar
+        if event["kind"] == "start":
+            print(f"training {config.model} on {config.dataset}: {event['train_size']} train / "
+                  f"{event['test_size']} test examples, batch {config.batch_size}, "
+                  f"{event['steps_per_epoch']} steps per epoch, {config.optimizer} lr {config.lr:g}, "
+                  f"loss {config.loss}", flush=True)
+        elif event["kind"] == "chunk" and not args.quiet:
+            if bar is None:
+                bar = tqdm(total=event["steps"], desc=f"epoch {event['epoch']}", unit="step",
+                           leave=False, file=sys.stderr)
+            bar.update(event["step"] - bar.n)
+            bar.set_postfix(loss=f"{event['loss']:.4f}")
+        elif event["kind"] == "epoch":
+            if bar is not None:
+                bar.close()
+                bar = None
+            print(f"epoch {event['epoch']:3d}  train loss {event['train_loss']:.4f}  "
+                  f"train acc {event['train_accuracy']:.4f}  test loss {event['test_loss']:.4f}  "
+                  f"test acc {event['test_accuracy']:.4f}  ({event['epoch_time_s']:.2f} s)", flush=True)
+
+    try:
+        result = train_and_evaluate(config, on_progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    final = result.history[-1]
+    print(f"test accuracy {final['test_accuracy']:.4f} after {final['epoch']} epochs; "
+          f"metrics and params in {config.out}/")
+    return 0
