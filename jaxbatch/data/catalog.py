@@ -19,9 +19,13 @@ class DatasetSpec:
     sizes: dict  # split -> number of examples
     class_names: tuple[str, ...]
     tfds_name: str | None = None  # name in the TFDS catalogue, if any
+    # Image-folder class folders in label order; None: sorted folder names.
+    class_folders: tuple[str, ...] | None = None
 
 
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
 
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
@@ -48,9 +52,9 @@ DATASETS: dict[str, DatasetSpec] = {
             "cifar10",
             (32, 32, 3),
             {"train": 50000, "test": 10000},
-            ("airplane", "automobile", "bird", "cat", "deer",
-             "dog", "frog", "horse", "ship", "truck"),
+            CIFAR10_CLASSES,
             "cifar10",
+            class_folders=CIFAR10_CLASSES,
         ),
     ]
 }

@@ -1,0 +1,95 @@
+"""The `files` source: a dataset's canonical files in `<data_dir>/<name>/`.
+
+Looked for in this order, first match wins:
+  1. IDX files, gzipped or not (MNIST, Fashion-MNIST, KMNIST): idx.py
+  2. CIFAR-10's binary or python batches, extracted or as the official tarball: cifar.py
+  3. an image folder, `<split>/<class>/*.png|jpg` or `<split>.tar.gz`: imagefolder.py
+Sources that are slow to decode (tarballs, image folders) are cached: cache.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from jaxbatch.data import cache, cifar, idx, imagefolder
+from jaxbatch.data.catalog import DatasetSpec
+from jaxbatch.errors import JaxbatchError
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSource:
+    kind: str  # "idx" | "cifar-binary" | "cifar-python" | "image-folder"
+    path: Path  # the folder or tarball read (IDX: the images file)
+    files: tuple[Path, ...]  # every file read; their sizes and mtimes key the caches
+
+    def describe(self) -> str:
+        return f"{self.kind} at {self.path}"
+
+
+def find_files(spec: DatasetSpec, split: str, data_dir: Path) -> FileSource | None:
+    """Which canonical files hold this split, without reading them; None if none do."""
+    folder = Path(data_dir) / spec.name
+    pair = idx.idx_paths(folder, split)
+    if pair:
+        return FileSource("idx", pair[0], pair)
+    if spec.name == "cifar10":
+        found = cifar.cifar_source(folder, split)
+        if found:
+            layout, path = found
+            return FileSource(f"cifar-{layout}", path, tuple(cifar.source_files(layout, path, split)))
+    path = imagefolder.image_folder_source(folder, split)
+    if path:
+        return FileSource("image-folder", path, tuple(imagefolder.source_files(path)))
+    return None
+
+
+def load_files(spec: DatasetSpec, split: str, source: FileSource) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of one split from the files `find_files` chose, checked."""
+    if source.kind == "idx":
+        images, labels = idx.load_idx(*source.files)
+        where = source.files[1]
+    else:
+        if source.kind == "image-folder":
+            decode = lambda: imagefolder.load_image_folder(source.path, spec)  # noqa: E731
+        else:
+            layout = source.kind.split("-")[1]
+            decode = lambda: cifar.load_cifar(layout, source.path, split)  # noqa: E731
+        if source.kind == "image-folder" or source.path.is_file():  # slow to decode: cache it
+            state = cache.file_state(source.files)
+            images, labels = cache.cached_arrays(spec.name, split, source.path, state, decode)
+        else:
+            images, labels = decode()
+        where = source.path
+    check_arrays(images, labels, spec, where)
+    return images, labels
+
+
+def check_arrays(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec, where) -> None:
+    """Fail with one line if the arrays do not fit the dataset's catalogue entry."""
+    if images.shape[1:] != spec.image_shape:
+        raise JaxbatchError(
+            f"{where}: images have shape {images.shape[1:]}, but {spec.name} images are "
+            f"{spec.image_shape} (H, W, C)"
+        )
+    if len(images) != len(labels):
+        raise JaxbatchError(f"{where}: {len(images)} images but {len(labels)} labels")
+    bad = (labels < 0) | (labels >= len(spec.class_names))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise JaxbatchError(
+            f"{where}: label {int(labels[i])} at index {i} is outside 0..{len(spec.class_names) - 1}"
+        )
+
+
+def expected_layouts(spec: DatasetSpec, split: str, data_dir: Path) -> str:
+    """One phrase naming the files `find_files` looks for, for error messages."""
+    folder = Path(data_dir) / spec.name
+    prefix = idx.PREFIX[split]
+    layouts = [f"{folder}/{prefix}-images-idx3-ubyte.gz + {prefix}-labels-idx1-ubyte.gz"]
+    if spec.name == "cifar10":
+        layouts.append(f"{folder}/{cifar.TARBALLS['binary']} or {cifar.TARBALLS['python']}")
+    layouts.append(f"{folder}/{split}/<class>/*.png|jpg or {folder}/{split}.tar.gz")
+    return "; ".join(layouts)

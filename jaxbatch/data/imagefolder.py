@@ -1,0 +1,180 @@
+"""Image folders: `<split>/<class>/*.png|jpg`, as a folder or a tarball.
+
+The layout works for any dataset: one folder per class, named after it. The
+label of an image is the index of its class folder: the dataset's own class
+order where the catalogue defines one (CIFAR-10: airplane, automobile, ...),
+else the sorted order of the folder names.
+
+Decoding tens of thousands of small images is Python-bound (about 20-50 us
+each), so it runs in worker processes, and `files.py` caches the result.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import tarfile
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from jaxbatch.data.catalog import DatasetSpec
+from jaxbatch.errors import JaxbatchError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+WORKERS = 2
+PARALLEL_MIN = 2048  # below this, starting worker processes costs more than it saves
+CHUNK = 2500  # images per task sent to a worker
+
+
+def image_folder_source(folder: Path, split: str) -> Path | None:
+    """`<folder>/<split>/` or `<folder>/<split>.tar.gz` (.tgz, .tar), or None."""
+    if (folder / split).is_dir():
+        return folder / split
+    for suffix in TAR_SUFFIXES:
+        if (folder / (split + suffix)).is_file():
+            return folder / (split + suffix)
+    return None
+
+
+def source_files(source: Path) -> list[Path]:
+    """The files whose size and mtime decide whether a cached decode is stale."""
+    if source.is_file():
+        return [source]
+    return sorted(p for p in source.rglob("*") if p.is_file())
+
+
+def load_image_folder(
+    source: Path, spec: DatasetSpec, workers: int = WORKERS
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, H, W, C) and int32 labels (N,) from an image folder or tarball."""
+    split = source.name.split(".")[0]
+    if source.is_dir():
+        by_class = _list_folder(source)
+    else:
+        by_class = _list_tar(source, split)
+    if not by_class or not any(by_class.values()):
+        raise JaxbatchError(f"{source}: no images found; expected {split}/<class>/*.png or *.jpg")
+    for name, items in by_class.items():
+        if not items:
+            raise JaxbatchError(f"{source}: class folder {name!r} has no images")
+    index = class_index(set(by_class), spec, source)
+    items, labels = [], []
+    for name in sorted(by_class):
+        items.extend(by_class[name])
+        labels.extend([index[name]] * len(by_class[name]))
+    images = decode_images(items, spec.image_shape, workers)
+    return images, np.asarray(labels, np.int32)
+
+
+def class_index(found: set, spec: DatasetSpec, where) -> dict[str, int]:
+    """Label of each class folder name."""
+    if spec.class_folders is not None:
+        unknown = sorted(found - set(spec.class_folders))
+        if unknown:
+            raise JaxbatchError(
+                f"{where}: unknown class folder {unknown[0]!r}; {spec.name} expects "
+                f"folders named {', '.join(spec.class_folders)}"
+            )
+        missing = [name for name in spec.class_folders if name not in found]
+        if missing:
+            raise JaxbatchError(f"{where}: class folder {missing[0]!r} is missing")
+        return {name: i for i, name in enumerate(spec.class_folders)}
+    if len(found) != len(spec.class_names):
+        raise JaxbatchError(
+            f"{where}: found {len(found)} class folders but {spec.name} has "
+            f"{len(spec.class_names)} classes"
+        )
+    return {name: i for i, name in enumerate(sorted(found))}
+
+
+def _is_hidden(parts) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in parts)
+
+
+def _check_image_name(name: str, where: str) -> None:
+    if not name.lower().endswith(IMAGE_SUFFIXES):
+        raise JaxbatchError(f"{where}: not a PNG or JPEG image (expected .png, .jpg or .jpeg)")
+
+
+def _list_folder(root: Path) -> dict[str, list]:
+    """class name -> [(display name, path)] for `root/<class>/<image>`."""
+    by_class = {}
+    for entry in sorted(root.iterdir()):
+        if _is_hidden([entry.name]):
+            continue
+        if not entry.is_dir():
+            raise JaxbatchError(f"{entry}: files must sit inside class folders (<split>/<class>/)")
+        items = []
+        for path in sorted(entry.iterdir()):
+            if _is_hidden([path.name]):
+                continue
+            if not path.is_file():
+                raise JaxbatchError(f"{path}: nested folders are not part of the image-folder layout")
+            _check_image_name(path.name, str(path))
+            items.append((str(path), path))
+        by_class[entry.name] = items
+    return by_class
+
+
+def _list_tar(path: Path, split: str) -> dict[str, list]:
+    """class name -> [(display name, bytes)] for `<split>/<class>/<image>` members."""
+    by_class = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                parts = PurePosixPath(member.name).parts
+                if parts and parts[0] == split:  # `train/cat/1.jpg`, or just `cat/1.jpg`
+                    parts = parts[1:]
+                if not parts or _is_hidden(parts):
+                    continue
+                where = f"{path}:{member.name}"
+                if member.isdir():
+                    if len(parts) == 1:
+                        by_class.setdefault(parts[0], [])
+                    continue
+                if not member.isfile():
+                    continue
+                if len(parts) != 2:
+                    raise JaxbatchError(f"{where}: expected {split}/<class>/<image>")
+                _check_image_name(parts[1], where)
+                data = tar.extractfile(member).read()
+                by_class.setdefault(parts[0], []).append((where, data))
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+        raise JaxbatchError(f"{path}: corrupt or truncated archive ({err}); download or copy it again")
+    return {name: sorted(items) for name, items in by_class.items()}
+
+
+def decode_images(items: list, shape: tuple, workers: int = WORKERS) -> np.ndarray:
+    """Decode [(display name, path or bytes)] into uint8 (N, H, W, C), in parallel when large."""
+    if workers <= 1 or len(items) < PARALLEL_MIN:
+        return _decode_chunk(items, shape)
+    chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+    # spawn, not fork: forking a process that runs JAX's threads can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return np.concatenate(list(pool.map(_decode_chunk, chunks, [shape] * len(chunks))))
+
+
+def _decode_chunk(items: list, shape: tuple) -> np.ndarray:
+    from PIL import Image
+
+    out = np.empty((len(items), *shape), np.uint8)
+    mode = "L" if shape[2] == 1 else "RGB"
+    for i, (where, source) in enumerate(items):
+        try:
+            fp = io.BytesIO(source) if isinstance(source, bytes) else source
+            with Image.open(fp, formats=["PNG", "JPEG"]) as image:
+                pixels = np.asarray(image.convert(mode))
+        except Exception as err:  # Pillow raises many types for one cause: unreadable data
+            raise JaxbatchError(f"{where}: not a readable PNG or JPEG image ({err})")
+        if pixels.shape[:2] != shape[:2]:
+            raise JaxbatchError(
+                f"{where}: image is {pixels.shape[1]}x{pixels.shape[0]} pixels, "
+                f"expected {shape[1]}x{shape[0]}"
+            )
+        out[i] = pixels.reshape(shape)
+    return out
