@@ -13,7 +13,7 @@ import sys
 
 from jaxbatch.errors import JaxbatchError
 
-SUBCOMMANDS = ["train"]  # each module adds its name here
+SUBCOMMANDS = ["train", "data"]  # each module adds its name here
 
 
 class OneLineParser(argparse.ArgumentParser):

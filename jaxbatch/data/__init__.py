@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxbatch.data import cache, files
-from jaxbatch.data.catalog import DATASETS, SPLITS, get_spec, check_split  # noqa: F401
+from jaxbatch.data import cache, files, tfds_source
+from jaxbatch.data.catalog import DATASETS, SPLITS, check_arrays, check_split, get_spec  # noqa: F401
 from jaxbatch.errors import JaxbatchError
 
 SOURCES = ("auto", "files", "tfds")
@@ -41,6 +41,32 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("JAXBATCH_DATA") or Path.home() / ".jaxbatch" / "data")
 
 
+def locate(name: str, split: str, data_dir=None, source: str = "auto"):
+    """Where `load` reads a split from, without reading it.
+
+    Returns ("digits", None), ("files", FileSource), ("tfds", prepared folder
+    or None when source="tfds" is forced), or None when nothing is found.
+    """
+    spec = get_spec(name)
+    check_split(split)
+    if source not in SOURCES:
+        raise JaxbatchError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
+    if name == "digits":
+        if source == "tfds":
+            raise JaxbatchError("digits ships with scikit-learn and has no tfds source; use --source auto")
+        return "digits", None
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if source in ("auto", "files"):
+        found = files.find_files(spec, split, data_dir)
+        if found:
+            return "files", found
+    if source == "tfds":
+        return "tfds", tfds_source.prepared_dir(spec, data_dir)
+    if source == "auto" and tfds_source.prepared_dir(spec, data_dir):
+        return "tfds", tfds_source.prepared_dir(spec, data_dir)
+    return None
+
+
 def load(name: str, split: str, data_dir=None, source: str = "auto") -> Dataset:
     """Load one split of a dataset as uint8 NHWC images and int32 labels.
 
@@ -53,28 +79,30 @@ def load(name: str, split: str, data_dir=None, source: str = "auto") -> Dataset:
     files again (unless the files changed); the arrays are read-only, so copy
     before changing them in place.
     """
-    spec = get_spec(name)
-    check_split(split)
-    if source not in SOURCES:
-        raise JaxbatchError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
-    if name == "digits":
-        if source == "tfds":
-            raise JaxbatchError("digits ships with scikit-learn and has no tfds source; use --source auto")
-        return _read(name, split, "digits", None, ())
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    found = files.find_files(spec, split, data_dir) if source in ("auto", "files") else None
-    if found:
-        return _read(name, split, "files", found, cache.file_state(found.files))
-    if source == "files":
+    found = locate(name, split, data_dir, source)
+    if found is None:
+        spec = get_spec(name)
+        if source == "files":
+            raise JaxbatchError(
+                f"no files for {name} {split}; expected {files.expected_layouts(spec, split, data_dir)}"
+                f" (or run `jaxbatch data download {name}`)"
+            )
         raise JaxbatchError(
-            f"no files for {name} {split}; expected {files.expected_layouts(spec, split, data_dir)}"
-            f" (or run `jaxbatch data download {name}`)"
+            f"{name} {split} is not in {data_dir}; get it one of three ways: "
+            f"`jaxbatch data download {name}` (official files, no TensorFlow), "
+            f"`jaxbatch data prepare {name}` (TFDS, needs TensorFlow), "
+            f"or --data-dir pointing at a folder that holds {name}/ with its files"
         )
-    raise JaxbatchError(
-        f"{name} {split} is not in {data_dir}; get it one of three ways: "
-        f"`jaxbatch data download {name}`, "
-        f"or point --data-dir at a folder holding {name}/ with its canonical files"
-    )
+    kind, where = found
+    if kind == "files":
+        state = cache.file_state(where.files)
+    elif kind == "tfds":
+        state = cache.file_state(tfds_source.source_files(get_spec(name), data_dir))
+        where = data_dir
+    else:
+        state = ()
+    return _read(name, split, kind, where, state)
 
 
 @functools.lru_cache(maxsize=8)
@@ -85,9 +113,20 @@ def _read(name: str, split: str, kind: str, where, state: tuple) -> Dataset:
         from jaxbatch.data.digits import load_digits
 
         images, labels = load_digits(split)
-    else:
+    elif kind == "files":
         images, labels = files.load_files(spec, split, where)
+    else:
+        images, labels = _read_tfds(spec, split, where, state)
     images, labels = np.asarray(images), np.asarray(labels, np.int32)
     images.flags.writeable = False  # shared by every caller of load(): nobody may change it
     labels.flags.writeable = False
     return Dataset(images, labels, spec.class_names, name)
+
+
+def _read_tfds(spec, split: str, data_dir: Path, state: tuple):
+    decode = lambda: tfds_source.load_tfds(spec, split, data_dir)  # noqa: E731
+    folder = tfds_source.prepared_dir(spec, data_dir)
+    # Records are decoded one by one (seconds for 60,000): cache them like image folders.
+    images, labels = cache.cached_arrays(spec.name, split, folder, state, decode) if folder else decode()
+    check_arrays(images, labels, spec, f"TFDS {spec.tfds_name} {split} in {tfds_source.tfds_dir(data_dir)}")
+    return images, labels

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxbatch.data import cache, cifar, idx, imagefolder
-from jaxbatch.data.catalog import DatasetSpec
+from jaxbatch.data.catalog import DatasetSpec, check_arrays
 from jaxbatch.errors import JaxbatchError
 
 
@@ -26,7 +26,8 @@ class FileSource:
     files: tuple[Path, ...]  # every file read; their sizes and mtimes key the caches
 
     def describe(self) -> str:
-        return f"{self.kind} at {self.path}"
+        folder = self.path if self.path.is_dir() and self.kind != "image-folder" else self.path.parent
+        return f"{self.kind} in {folder}"
 
 
 def find_files(spec: DatasetSpec, split: str, data_dir: Path) -> FileSource | None:
@@ -65,23 +66,6 @@ def load_files(spec: DatasetSpec, split: str, source: FileSource) -> tuple[np.nd
         where = source.path
     check_arrays(images, labels, spec, where)
     return images, labels
-
-
-def check_arrays(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec, where) -> None:
-    """Fail with one line if the arrays do not fit the dataset's catalogue entry."""
-    if images.shape[1:] != spec.image_shape:
-        raise JaxbatchError(
-            f"{where}: images have shape {images.shape[1:]}, but {spec.name} images are "
-            f"{spec.image_shape} (H, W, C)"
-        )
-    if len(images) != len(labels):
-        raise JaxbatchError(f"{where}: {len(images)} images but {len(labels)} labels")
-    bad = (labels < 0) | (labels >= len(spec.class_names))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise JaxbatchError(
-            f"{where}: label {int(labels[i])} at index {i} is outside 0..{len(spec.class_names) - 1}"
-        )
 
 
 def expected_layouts(spec: DatasetSpec, split: str, data_dir: Path) -> str:
