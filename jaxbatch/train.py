@@ -15,7 +15,8 @@ Choices worth knowing:
   with weight-0 examples, so every example is seen once per epoch, that step's
   gradient is the mean over its real examples only, and the metrics count
   real examples only.
-- A NaN or infinite loss stops training with `Diverged` (one clear line).
+- A NaN, infinite or exploded (> max_loss) loss stops training with
+  `Diverged` (one clear line).
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many steps in all (None: run every epoch)
     steps_per_chunk: int | None = None  # steps per lax.scan call; None: about 10 per epoch
     eval_batch_size: int = 1000
+    # A step loss above this counts as divergence, like NaN or inf. Chance-level
+    # cross-entropy is ln(10) = 2.3; a loss of 1e4 means logits 1e4 apart: the
+    # updates overshot. (Text C's x255 run shows it: the loss jumps to ~1e12,
+    # every ReLU dies, and the loss then sits at ln(10) without ever being NaN.)
+    max_loss: float = 1e4
 
 
 class TrainResult(NamedTuple):
@@ -77,16 +83,17 @@ class TrainResult(NamedTuple):
 
 
 class Diverged(JaxbatchError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN, infinite, or larger than config.max_loss."""
 
-    def __init__(self, epoch: int, step: int, last_finite_loss: float | None, config: TrainConfig):
-        self.epoch, self.step, self.last_finite_loss = epoch, step, last_finite_loss
+    def __init__(self, epoch: int, step: int, loss: float, last_finite_loss: float | None, config: TrainConfig):
+        self.epoch, self.step, self.loss, self.last_finite_loss = epoch, step, loss, last_finite_loss
         last = "none" if last_finite_loss is None else f"{last_finite_loss:.4g}"
         super().__init__(
-            f"training diverged at epoch {epoch}, step {step}: the loss became NaN or infinite "
-            f"(last finite loss {last}). With inputs x/255*{config.input_scale:g} and lr {config.lr:g}, "
-            "the updates overshoot: lower --lr, scale inputs to [0, 1] (--input-scale 1) "
-            "or standardise them (--standardize), or add --schedule warmup"
+            f"training diverged at epoch {epoch}, step {step}: the loss reached {loss:.4g} "
+            f"(NaN, inf, or above --max-loss {config.max_loss:g}; last good loss {last}). "
+            f"With inputs x/255*{config.input_scale:g} and lr {config.lr:g} the updates overshoot: "
+            "lower --lr, scale inputs to [0, 1] (--input-scale 1) or --standardize them, "
+            "or add --schedule warmup"
         )
 
 
@@ -105,6 +112,8 @@ def validate(config: TrainConfig) -> None:
         raise JaxbatchError(f"input scale must be a finite number greater than 0, got {config.input_scale}")
     if config.momentum < 0 or config.weight_decay < 0 or config.warmup_steps < 0:
         raise JaxbatchError("momentum, weight decay and warm-up steps must be 0 or more")
+    if not config.max_loss > 0:
+        raise JaxbatchError(f"max-loss must be greater than 0, got {config.max_loss}")
     if config.max_steps is not None and config.max_steps < 1:
         raise JaxbatchError(f"max-steps must be 1 or more, got {config.max_steps}")
     get_model(config.model)
@@ -310,11 +319,11 @@ def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=
             stop = min(start + chunk, epoch_steps)
             state, (losses, correct, counts) = chunk_fn(state, train_x, train_y, idx[start:stop], weights[start:stop])
             losses, correct, counts = np.asarray(losses), np.asarray(correct), np.asarray(counts)
-            bad = np.flatnonzero(~np.isfinite(losses))
+            bad = np.flatnonzero(~(np.abs(losses) <= config.max_loss))  # NaN compares False
             if bad.size:
-                finite = losses[: bad[0]]
-                last_finite = float(finite[-1]) if finite.size else last_finite
-                raise Diverged(epoch, start + int(bad[0]) + 1, last_finite, config)
+                good = losses[: bad[0]]
+                last_finite = float(good[-1]) if good.size else last_finite
+                raise Diverged(epoch, start + int(bad[0]) + 1, float(losses[bad[0]]), last_finite, config)
             last_finite = float(losses[-1])
             loss_sum += float(np.sum(losses * counts))
             correct_sum += float(np.sum(correct))

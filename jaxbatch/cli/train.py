@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--standardize", action=argparse_bool(), default=None,
                    help="per-channel standardisation with training-set statistics")
     p.add_argument("--seed", type=int)
+    p.add_argument("--max-loss", type=positive_float,
+                   help="a step loss above this (or NaN/inf) stops training as diverged (default 1e4)")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps in all")
     p.add_argument("--out", help="folder for metrics.jsonl, config.json and params.msgpack "
                    "(default runs/<recipe or model-dataset>)")

@@ -1,0 +1,53 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxbatch.cli import main
+
+
+def jaxbatch(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "jaxbatch", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_train_end_to_end_one_epoch(tmp_path):
+    out = tmp_path / "run"
+    proc = jaxbatch("train", "--epochs", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch   1" in proc.stdout and "test accuracy" in proc.stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (out / "params.msgpack").stat().st_size > 0
+
+
+def test_recipe_flags_are_overridden_by_explicit_flags(tmp_path):
+    from jaxbatch.cli import build_parser
+    from jaxbatch.cli.train import build_config
+
+    args = build_parser().parse_args(["train", "--recipe", "mlp-fashion", "--epochs", "2", "--lr", "0.1"])
+    config = build_config(args)
+    assert (config.model, config.dataset, config.batch_size) == ("mlp", "fashion_mnist", 256)
+    assert (config.epochs, config.lr) == (2, 0.1)
+    assert config.out == "runs/mlp-fashion"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "resnet"], "invalid choice: 'resnet'"),
+    (["--recipe", "nope"], "invalid choice: 'nope'"),
+    (["--batch-size", "0"], "must be 1 or more"),
+    (["--lr", "-0.1"], "must be greater than 0"),
+    (["--model", "lenet5", "--dataset", "digits"], "lenet5 takes 32x32 images"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--input-scale", "255", "--model", "fc_nobias", "--batch-size", "250"], "training diverged"),
+])
+def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, argv, match):
+    out = tmp_path / "run"
+    try:
+        code = main(["train", "--quiet", "--out", str(out), *argv])
+    except SystemExit as exit:  # argparse
+        code = exit.code
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1, err
+    assert match in err
+    assert not (out / "params.msgpack").exists()

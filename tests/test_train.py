@@ -1,0 +1,130 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+from jaxbatch.errors import JaxbatchError
+from jaxbatch.train import Diverged, TrainConfig, init_params, train_and_evaluate
+
+
+def rel_diff(a, b):
+    return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-30))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_default_training_on_digits_reaches_090(tmp_path):
+    result = train_and_evaluate(TrainConfig(out=str(tmp_path)))
+    accuracies = [r["test_accuracy"] for r in result.history]
+    assert len(accuracies) == 10
+    assert accuracies[-1] >= 0.9
+    assert accuracies[-1] > accuracies[0]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 11))
+    saved = serialization.from_bytes(result.params, (tmp_path / "params.msgpack").read_bytes())
+    assert rel_diff(saved, result.params) == 0.0
+    assert json.loads((tmp_path / "config.json").read_text())["model"] == "mlp"
+
+
+def test_same_seed_same_numbers_and_other_seed_other_numbers():
+    config = TrainConfig(epochs=2)
+    a, b = train_and_evaluate(config), train_and_evaluate(config)
+    assert [r["test_loss"] for r in a.history] == [r["test_loss"] for r in b.history]
+    assert rel_diff(a.params, b.params) == 0.0
+    c = train_and_evaluate(TrainConfig(epochs=2, seed=1))
+    assert rel_diff(c.params, a.params) > 1e-3
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_vmap_and_batched_training_end_equal(model):
+    kw = dict(model=model, epochs=1, batch_size=50)
+    vmapped = train_and_evaluate(TrainConfig(loss="vmap", **kw))
+    batched = train_and_evaluate(TrainConfig(loss="batched", **kw))
+    assert rel_diff(vmapped.params, batched.params) < 1e-5
+
+
+def test_last_partial_batch_counts_every_example_once():
+    # 1347 digits in batches of 100: 13 full batches and one of 47.
+    result = train_and_evaluate(TrainConfig(epochs=2, batch_size=100))
+    assert [r["examples_seen"] for r in result.history] == [1347, 1347]
+    assert [r["steps"] for r in result.history] == [14, 28]
+
+
+def test_max_steps_stops_mid_epoch():
+    result = train_and_evaluate(TrainConfig(epochs=5, batch_size=100, max_steps=20))
+    assert [r["steps"] for r in result.history] == [14, 20]
+    assert result.history[-1]["examples_seen"] == 600
+
+
+def test_sum_loss_with_lr_over_b_equals_mean_loss_with_lr():
+    # text E: `param -= lr * grad / batch_size` on the summed loss is SGD with lr on the mean loss
+    kw = dict(model="mlp_scratch", epochs=1, batch_size=64, momentum=0.0)
+    summed = train_and_evaluate(TrainConfig(loss_reduction="sum", lr=0.1 / 64, **kw))
+    mean = train_and_evaluate(TrainConfig(loss_reduction="mean", lr=0.1, **kw))
+    # The last batch holds 1347 - 21 * 64 = 3 examples: lr / 64 on its sum is not lr on its mean,
+    # so compare with max_steps on whole batches only.
+    kw["max_steps"] = 21
+    summed = train_and_evaluate(TrainConfig(loss_reduction="sum", lr=0.1 / 64, **kw))
+    mean = train_and_evaluate(TrainConfig(loss_reduction="mean", lr=0.1, **kw))
+    assert rel_diff(summed.params, mean.params) < 1e-5
+    assert summed.history[-1]["train_loss"] == pytest.approx(mean.history[-1]["train_loss"], rel=1e-5)
+
+
+def test_given_params_replace_the_initialisation():
+    config = TrainConfig(epochs=1)
+    params = init_params(config, (8, 8, 1))
+    scaled = jax.tree.map(lambda p: p * 0.0, params)
+    result = train_and_evaluate(config, params=scaled)
+    # all-zero weights: the hidden layer stays dead and only the output bias learns
+    assert float(np.abs(result.params["params"]["hidden"]["kernel"]).max()) == 0.0
+
+
+def test_divergence_stops_with_one_clear_error(tmp_path):
+    # text C's failure mode: inputs x255 with a learning rate meant for [0, 1] inputs
+    config = TrainConfig(model="fc_nobias", input_scale=255.0, lr=0.05, momentum=0.9, batch_size=250, epochs=3,
+                         out=str(tmp_path / "run"))
+    with pytest.raises(Diverged) as info:
+        train_and_evaluate(config)
+    err = info.value
+    assert err.epoch == 1 and err.step >= 1
+    message = str(err)
+    assert "\n" not in message and "diverged at epoch 1" in message and "--lr" in message
+    assert not (tmp_path / "run" / "params.msgpack").exists()
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(batch_size=5000), "larger than the 1347 training examples"),
+    (dict(model="lenet5"), "32x32"),
+    (dict(lr=-0.1), "learning rate"),
+    (dict(batch_size=0), "batch-size"),
+    (dict(loss="perexample"), "unknown loss mode"),
+    (dict(dataset="imagenet"), "unknown dataset"),
+])
+def test_bad_settings_raise_before_anything_is_written(tmp_path, change, match):
+    out = tmp_path / "run"
+    with pytest.raises(JaxbatchError, match=match):
+        train_and_evaluate(TrainConfig(out=str(out), **change))
+    assert not out.exists()
+
+
+def test_output_folder_that_is_a_file(tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("keep me")
+    with pytest.raises(JaxbatchError, match="is a file"):
+        train_and_evaluate(TrainConfig(out=str(f), epochs=1))
+    assert f.read_text() == "keep me"
+
+
+def test_standardize_and_schedules_train():
+    result = train_and_evaluate(TrainConfig(epochs=3, standardize=True, schedule="warmup-cosine",
+                                            warmup_steps=20, optimizer="adamw", lr=3e-3, weight_decay=1e-4))
+    assert result.history[-1]["test_accuracy"] >= 0.9
+    assert result.history[-1]["lr_end"] < 3e-3
+
+
+def test_nan_loss_is_divergence_too():
+    config = TrainConfig(model="mlp", lr=1e30, epochs=1, max_loss=float("inf"))
+    with pytest.raises(Diverged) as info:
+        train_and_evaluate(config)
+    assert not np.isfinite(info.value.loss)
