@@ -1,4 +1,4 @@
-"""`jaxbatch data list | download NAME | prepare NAME`: see and get datasets."""
+"""`jaxbatch data list | check NAME | download NAME | prepare NAME`: see and get datasets."""
 
 from __future__ import annotations
 
@@ -18,6 +18,15 @@ def add_parser(sub) -> None:
     listing = actions.add_parser("list", help="each dataset, its sizes and sources, and where it is found here")
     listing.add_argument("--data-dir", help=data_dir_help)
     listing.set_defaults(run=run_list)
+
+    check = actions.add_parser(
+        "check", help="load a dataset and print its counts, class balance and mean pixel")
+    check.add_argument("name", choices=list(DATASETS))
+    check.add_argument("--split", choices=["train", "test"], action="append",
+                       help="split to check (repeatable; default both)")
+    check.add_argument("--data-dir", help=data_dir_help)
+    check.add_argument("--source", choices=["auto", "files", "tfds"], default="auto")
+    check.set_defaults(run=run_check)
 
     download = actions.add_parser(
         "download", help="fetch the official files over HTTPS, checked against pinned SHA-256 (no TensorFlow)")
@@ -71,6 +80,22 @@ def run_list(args) -> int:
         shape = "x".join(str(d) for d in spec.image_shape)
         print(f"{name:<14} {shape:<8} {spec.sizes['train']:>7,} {spec.sizes['test']:>7,}  "
               f"{', '.join(sources):<26} {where}")
+    return 0
+
+
+def run_check(args) -> int:
+    import numpy as np
+
+    from jaxbatch.data import load, locate
+
+    data_dir = _data_dir(args)
+    for split in args.split or ["train", "test"]:
+        where = describe(locate(args.name, split, data_dir, args.source))
+        data = load(args.name, split, data_dir, args.source)
+        counts = np.bincount(data.labels, minlength=len(data.class_names))
+        print(f"{args.name} {split}: {len(data):,} images {data.image_shape}, "
+              f"mean pixel {data.images.mean():.2f}, per class {counts.min():,}..{counts.max():,} "
+              f"({where})")
     return 0
 
 

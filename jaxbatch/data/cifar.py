@@ -51,7 +51,8 @@ def source_files(layout: str, path: Path, split: str) -> list[Path]:
     """The files a split is read from (for cache keys)."""
     if path.is_file():
         return [path]
-    return [path / _member_name(layout, batch) for batch in BATCHES[split]]
+    files = [path / _member_name(layout, batch) for batch in BATCHES[split]]
+    return [file for file in files if file.is_file()]  # a missing batch is reported on reading
 
 
 def load_cifar(layout: str, path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +79,7 @@ def _read_tar(layout: str, tarball: Path, split: str) -> list[tuple[str, bytes]]
     wanted = {f"{FOLDERS[layout]}/{_member_name(layout, b)}": b for b in BATCHES[split]}
     found = {}
     try:
-        with tarfile.open(tarball, "r:*") as tar:
+        with tarfile.open(tarball, "r:gz") as tar:
             for member in tar:
                 if member.name in wanted and member.isfile():
                     found[member.name] = tar.extractfile(member).read()
@@ -109,6 +110,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles plain data and numpy arrays only: a tarball from the web must not run code."""
 
     ALLOWED = {
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"),

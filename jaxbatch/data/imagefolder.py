@@ -124,7 +124,7 @@ def _list_tar(path: Path, split: str) -> dict[str, list]:
     """class name -> [(display name, bytes)] for `<split>/<class>/<image>` members."""
     by_class = {}
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with tarfile.open(path, "r:" if path.suffix == ".tar" else "r:gz") as tar:
             for member in tar:
                 parts = PurePosixPath(member.name).parts
                 if parts and parts[0] == split:  # `train/cat/1.jpg`, or just `cat/1.jpg`

@@ -1,0 +1,99 @@
+"""Writers for small dataset files in the canonical formats, for the data tests."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+
+
+def random_split(n: int, shape: tuple, num_classes: int = 10, seed: int = 0):
+    """n random uint8 images of `shape` and labels covering every class."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+    labels = (np.arange(n) % num_classes).astype(np.int32)
+    rng.shuffle(labels)
+    return images, labels
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """IDX encoding of a uint8 array: 0, 0, type 0x08, ndim, big-endian dims, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    return header + np.ascontiguousarray(array, np.uint8).tobytes()
+
+
+def write_idx_split(folder: Path, split: str, images, labels, gz: bool = True) -> tuple[Path, Path]:
+    """`<prefix>-images-idx3-ubyte[.gz]` and labels for (N, H, W, 1) images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = "train" if split == "train" else "t10k"
+    suffix = ".gz" if gz else ""
+    paths = []
+    for kind, dims, array in (("images", 3, images[..., 0]), ("labels", 1, labels)):
+        path = folder / f"{prefix}-{kind}-idx{dims}-ubyte{suffix}"
+        data = idx_bytes(np.asarray(array, np.uint8))
+        path.write_bytes(gzip.compress(data) if gz else data)
+        paths.append(path)
+    return tuple(paths)
+
+
+def cifar_binary_bytes(images, labels) -> bytes:
+    """CIFAR-10 binary records: label byte, then R, G, B planes of 32x32."""
+    planar = np.asarray(images).transpose(0, 3, 1, 2).reshape(len(images), -1)
+    return np.concatenate([np.asarray(labels, np.uint8)[:, None], planar], axis=1).tobytes()
+
+
+def cifar_pickle_bytes(images, labels) -> bytes:
+    planar = np.asarray(images).transpose(0, 3, 1, 2).reshape(len(images), -1)
+    batch = {b"batch_label": b"test", b"labels": [int(x) for x in labels], b"data": planar}
+    return pickle.dumps(batch, protocol=2)
+
+
+def cifar_batches(images, labels, split: str):
+    """(batch name, images, labels): train in 5 batches, test in 1, like the release."""
+    if split == "test":
+        return [("test_batch", images, labels)]
+    parts = np.array_split(np.arange(len(labels)), 5)
+    return [(f"data_batch_{i + 1}", images[p], labels[p]) for i, p in enumerate(parts)]
+
+
+def write_tar(path: Path, members: dict, mode: str = "w:gz") -> Path:
+    """A tarball holding {member name: bytes}."""
+    with tarfile.open(path, mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def image_bytes(image: np.ndarray, fmt: str) -> bytes:
+    from PIL import Image
+
+    pixels = image[..., 0] if image.shape[-1] == 1 else image
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
+def image_folder_members(split: str, images, labels, class_folders, fmt: str = "PNG") -> dict:
+    """{`<split>/<class>/<i>.png`: bytes} for an image-folder layout."""
+    suffix = ".png" if fmt == "PNG" else ".jpg"
+    return {
+        f"{split}/{class_folders[label]}/{i:05d}{suffix}": image_bytes(image, fmt)
+        for i, (image, label) in enumerate(zip(images, labels))
+    }
+
+
+def write_members(root: Path, members: dict) -> None:
+    """Write {relative path: bytes} under `root`."""
+    for name, data in members.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
