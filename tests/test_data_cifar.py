@@ -89,6 +89,15 @@ def test_label_out_of_range(tmp_path, capsys):
     expect_error(tmp_path, capsys, "test", "label 12 at index 2")
 
 
+def test_bad_labels_in_a_tarball_are_not_cached(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("JAXBATCH_CACHE", str(tmp_path / "cache"))
+    images, labels = random_split(4, (32, 32, 3))
+    labels[0] = 255
+    write_layout(tmp_path, "binary-tar", "test", images, labels)
+    expect_error(tmp_path, capsys, "test", "label 255 at index 0")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
 def test_pickle_counts_differ(tmp_path, capsys):
     images, labels = random_split(4, (32, 32, 3))
     folder = tmp_path / "cifar10" / "cifar-10-batches-py"

@@ -90,7 +90,7 @@ def test_dimensions_disagree_with_size(tmp_path, capsys):
 def test_wrong_image_size(tmp_path):
     images = np.zeros((4, 20, 20), np.uint8)
     write_pair(tmp_path, idx_bytes(images), idx_bytes(np.zeros(4, np.uint8)))
-    one_line_error(tmp_path, "(20, 20, 1)", "(28, 28, 1)")
+    one_line_error(tmp_path, "train-images-idx3-ubyte", "(20, 20, 1)", "(28, 28, 1)")
 
 
 def test_counts_differ(tmp_path, capsys):

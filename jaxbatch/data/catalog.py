@@ -124,8 +124,11 @@ def check_split(split: str) -> None:
         raise JaxbatchError(f"unknown split {split!r}; choose 'train' or 'test'")
 
 
-def check_arrays(images, labels, spec: DatasetSpec, where) -> None:
-    """Fail with one line if (images, labels) do not fit the dataset's entry."""
+def check_arrays(images, labels, spec: DatasetSpec, where, labels_where=None) -> None:
+    """Fail with one line if (images, labels) do not fit the dataset's entry.
+
+    `where` names the source in messages; `labels_where` the labels' own file, if separate.
+    """
     if images.shape[1:] != spec.image_shape:
         raise JaxbatchError(
             f"{where}: images have shape {images.shape[1:]}, but {spec.name} images are "
@@ -137,5 +140,5 @@ def check_arrays(images, labels, spec: DatasetSpec, where) -> None:
     if bad.any():
         i = int(bad.argmax())
         raise JaxbatchError(
-            f"{where}: label {int(labels[i])} at index {i} is outside 0..{len(spec.class_names) - 1}"
+            f"{labels_where or where}: label {int(labels[i])} at index {i} is outside 0..{len(spec.class_names) - 1}"
         )

@@ -49,23 +49,22 @@ def find_files(spec: DatasetSpec, split: str, data_dir: Path) -> FileSource | No
 
 def load_files(spec: DatasetSpec, split: str, source: FileSource) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of one split from the files `find_files` chose, checked."""
-    if source.kind == "idx":
-        images, labels = idx.load_idx(*source.files)
-        where = source.files[1]
-    else:
-        if source.kind == "image-folder":
-            decode = lambda: imagefolder.load_image_folder(source.path, spec)  # noqa: E731
+
+    def read():
+        if source.kind == "idx":
+            images, labels = idx.load_idx(*source.files)
+        elif source.kind == "image-folder":
+            images, labels = imagefolder.load_image_folder(source.path, spec)
         else:
-            layout = source.kind.split("-")[1]
-            decode = lambda: cifar.load_cifar(layout, source.path, split)  # noqa: E731
-        if source.kind == "image-folder" or source.path.is_file():  # slow to decode: cache it
-            state = cache.file_state(source.files)
-            images, labels = cache.cached_arrays(spec.name, split, source.path, state, decode)
-        else:
-            images, labels = decode()
-        where = source.path
-    check_arrays(images, labels, spec, where)
-    return images, labels
+            images, labels = cifar.load_cifar(source.kind.split("-")[1], source.path, split)
+        check_arrays(images, labels, spec, source.files[0] if source.kind == "idx" else source.path,
+                     source.files[1] if source.kind == "idx" else None)
+        return images, labels
+
+    if source.kind == "idx" or source.path.is_dir() and source.kind != "image-folder":
+        return read()  # plain files: reading them is as fast as reading a cache
+    state = cache.file_state(source.files)
+    return cache.cached_arrays(spec.name, split, source.path, state, read)
 
 
 def expected_layouts(spec: DatasetSpec, split: str, data_dir: Path) -> str:

@@ -16,6 +16,7 @@ import multiprocessing
 import tarfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -155,8 +156,13 @@ def decode_images(items: list, shape: tuple, workers: int = WORKERS) -> np.ndarr
     chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
     # spawn, not fork: forking a process that runs JAX's threads can deadlock.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return np.concatenate(list(pool.map(_decode_chunk, chunks, [shape] * len(chunks))))
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            return np.concatenate(list(pool.map(_decode_chunk, chunks, [shape] * len(chunks))))
+    except BrokenProcessPool:
+        # Workers cannot start where the main module cannot be re-imported
+        # (e.g. a script piped to `python -`): decode here instead.
+        return _decode_chunk(items, shape)
 
 
 def _decode_chunk(items: list, shape: tuple) -> np.ndarray:
@@ -168,7 +174,7 @@ def _decode_chunk(items: list, shape: tuple) -> np.ndarray:
         try:
             fp = io.BytesIO(source) if isinstance(source, bytes) else source
             with Image.open(fp, formats=["PNG", "JPEG"]) as image:
-                pixels = np.asarray(image.convert(mode))
+                pixels = np.asarray(image if image.mode == mode else image.convert(mode))
         except Exception as err:  # Pillow raises many types for one cause: unreadable data
             raise JaxbatchError(f"{where}: not a readable PNG or JPEG image ({err})")
         if pixels.shape[:2] != shape[:2]:
