@@ -113,6 +113,15 @@ def test_corrupted_file_is_rejected_and_removed(tmp_path, server, monkeypatch):
     assert not [name for name in leftovers(tmp_path / "mnist") if name.endswith(".part")]
 
 
+def test_file_of_another_size_is_rejected(tmp_path, server, monkeypatch):
+    _, _, files = mnist_like_files()
+    spec = pinned_spec(monkeypatch, files)
+    serve({**files, "train-labels-idx1-ubyte.gz": files["train-labels-idx1-ubyte.gz"] + b"extra"})
+    with pytest.raises(JaxbatchError, match="train-labels-idx1-ubyte.gz: .*not the official file"):
+        download(spec, tmp_path, mirror=server)
+    assert "train-labels-idx1-ubyte.gz" not in leftovers(tmp_path / "mnist")
+
+
 def test_cut_transfer_leaves_nothing_under_the_final_name(tmp_path, server, monkeypatch):
     _, _, files = mnist_like_files(n=400)
     spec = pinned_spec(monkeypatch, files)
@@ -120,7 +129,8 @@ def test_cut_transfer_leaves_nothing_under_the_final_name(tmp_path, server, monk
     Handler.cut.add("/mnist/train-images-idx3-ubyte.gz")
     with pytest.raises(JaxbatchError) as err:
         download(spec, tmp_path, mirror=server)
-    assert "train-images-idx3-ubyte.gz" in str(err.value) and "\n" not in str(err.value)
+    assert "train-images-idx3-ubyte.gz" in str(err.value) and "stopped after" in str(err.value)
+    assert "\n" not in str(err.value)
     assert leftovers(tmp_path / "mnist") == []
 
 

@@ -79,16 +79,21 @@ def fetch(url: str, dest: Path, remote: RemoteFile, on_progress: Progress | None
     try:
         digest, done = hashlib.sha256(), 0
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            announced = int(response.headers.get("Content-Length") or -1)
             while block := response.read(CHUNK):
                 out.write(block)
                 digest.update(block)
                 done += len(block)
                 if on_progress:
                     on_progress(remote.name, done, remote.size)
+        if done < announced:
+            raise JaxbatchError(
+                f"{url}: the transfer stopped after {done} of {announced} bytes; run the download again"
+            )
         if done != remote.size:
             raise JaxbatchError(
-                f"{url}: got {done} bytes, expected {remote.size}; the transfer was cut short, "
-                "run the download again"
+                f"{url}: {done} bytes, but the official file has {remote.size}; "
+                "not the official file, discarded"
             )
         if digest.hexdigest() != remote.sha256:
             raise JaxbatchError(
