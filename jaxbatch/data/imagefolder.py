@@ -12,6 +12,7 @@ each), so it runs in worker processes, and `files.py` caches the result.
 from __future__ import annotations
 
 import io
+import itertools
 import multiprocessing
 import tarfile
 import zlib
@@ -51,24 +52,33 @@ def source_files(source: Path) -> list[Path]:
 def load_image_folder(
     source: Path, spec: DatasetSpec, workers: int = WORKERS
 ) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images (N, H, W, C) and int32 labels (N,) from an image folder or tarball."""
+    """uint8 images (N, H, W, C) and int32 labels (N,) from an image folder or tarball.
+
+    Images come back sorted by (class folder, file name), whatever the order
+    on disk or in the archive.
+    """
     split = source.name.split(".")[0]
-    if source.is_dir():
-        by_class = _list_folder(source)
-    else:
-        by_class = _list_tar(source, split)
-    if not by_class or not any(by_class.values()):
+    counts = {}  # class folder -> number of images in it
+    keys = []  # (class folder, display name) of each image, in reading order
+
+    def images():
+        entries = _walk_folder(source) if source.is_dir() else _walk_tar(source, split)
+        for class_name, where, payload in entries:
+            counts[class_name] = counts.get(class_name, 0) + (payload is not None)
+            if payload is not None:
+                keys.append((class_name, where))
+                yield where, payload
+
+    pixels = decode_images(images(), spec.image_shape, workers)
+    if not keys:
         raise JaxbatchError(f"{source}: no images found; expected {split}/<class>/*.png or *.jpg")
-    for name, items in by_class.items():
-        if not items:
-            raise JaxbatchError(f"{source}: class folder {name!r} has no images")
-    index = class_index(set(by_class), spec, source)
-    items, labels = [], []
-    for name in sorted(by_class):
-        items.extend(by_class[name])
-        labels.extend([index[name]] * len(by_class[name]))
-    images = decode_images(items, spec.image_shape, workers)
-    return images, np.asarray(labels, np.int32)
+    for class_name, count in counts.items():
+        if count == 0:
+            raise JaxbatchError(f"{source}: class folder {class_name!r} has no images")
+    index = class_index(set(counts), spec, source)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    labels = np.array([index[keys[i][0]] for i in order], np.int32)
+    return pixels[order], labels
 
 
 def class_index(found: set, spec: DatasetSpec, where) -> dict[str, int]:
@@ -101,29 +111,25 @@ def _check_image_name(name: str, where: str) -> None:
         raise JaxbatchError(f"{where}: not a PNG or JPEG image (expected .png, .jpg or .jpeg)")
 
 
-def _list_folder(root: Path) -> dict[str, list]:
-    """class name -> [(display name, path)] for `root/<class>/<image>`."""
-    by_class = {}
+def _walk_folder(root: Path):
+    """(class folder, display name, path) for `root/<class>/<image>`; path None for a folder."""
     for entry in sorted(root.iterdir()):
         if _is_hidden([entry.name]):
             continue
         if not entry.is_dir():
             raise JaxbatchError(f"{entry}: files must sit inside class folders (<split>/<class>/)")
-        items = []
+        yield entry.name, str(entry), None
         for path in sorted(entry.iterdir()):
             if _is_hidden([path.name]):
                 continue
             if not path.is_file():
                 raise JaxbatchError(f"{path}: nested folders are not part of the image-folder layout")
             _check_image_name(path.name, str(path))
-            items.append((str(path), path))
-        by_class[entry.name] = items
-    return by_class
+            yield entry.name, str(path), path
 
 
-def _list_tar(path: Path, split: str) -> dict[str, list]:
-    """class name -> [(display name, bytes)] for `<split>/<class>/<image>` members."""
-    by_class = {}
+def _walk_tar(path: Path, split: str):
+    """(class folder, display name, bytes) for `<split>/<class>/<image>` members; bytes None for a folder."""
     try:
         with tarfile.open(path, "r:" if path.suffix == ".tar" else "r:gz") as tar:
             for member in tar:
@@ -135,34 +141,43 @@ def _list_tar(path: Path, split: str) -> dict[str, list]:
                 where = f"{path}:{member.name}"
                 if member.isdir():
                     if len(parts) == 1:
-                        by_class.setdefault(parts[0], [])
+                        yield parts[0], where, None
                     continue
                 if not member.isfile():
                     continue
                 if len(parts) != 2:
                     raise JaxbatchError(f"{where}: expected {split}/<class>/<image>")
                 _check_image_name(parts[1], where)
-                data = tar.extractfile(member).read()
-                by_class.setdefault(parts[0], []).append((where, data))
+                yield parts[0], where, tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
         raise JaxbatchError(f"{path}: corrupt or truncated archive ({err}); download or copy it again")
-    return {name: sorted(items) for name, items in by_class.items()}
 
 
-def decode_images(items: list, shape: tuple, workers: int = WORKERS) -> np.ndarray:
-    """Decode [(display name, path or bytes)] into uint8 (N, H, W, C), in parallel when large."""
-    if workers <= 1 or len(items) < PARALLEL_MIN:
-        return _decode_chunk(items, shape)
-    chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+def decode_images(items, shape: tuple, workers: int = WORKERS) -> np.ndarray:
+    """Decode (display name, path or bytes) pairs into uint8 (N, H, W, C).
+
+    `items` may be a generator (e.g. members streaming out of a tarball): chunks
+    go to the worker processes as soon as they are read, so decoding overlaps
+    reading. Fewer than PARALLEL_MIN items are decoded here.
+    """
+    items = iter(items)
+    first = list(itertools.islice(items, PARALLEL_MIN))
+    if workers <= 1 or len(first) < PARALLEL_MIN:
+        return _decode_chunk(first + list(items), shape)
     # spawn, not fork: forking a process that runs JAX's threads can deadlock.
-    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    chunks, futures = [first], [pool.submit(_decode_chunk, first, shape)]
     try:
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            return np.concatenate(list(pool.map(_decode_chunk, chunks, [shape] * len(chunks))))
+        while chunk := list(itertools.islice(items, CHUNK)):
+            chunks.append(chunk)
+            futures.append(pool.submit(_decode_chunk, chunk, shape))
+        return np.concatenate([future.result() for future in futures])
     except BrokenProcessPool:
         # Workers cannot start where the main module cannot be re-imported
         # (e.g. a script piped to `python -`): decode here instead.
-        return _decode_chunk(items, shape)
+        return _decode_chunk([item for chunk in chunks for item in chunk] + list(items), shape)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _decode_chunk(items: list, shape: tuple) -> np.ndarray:
