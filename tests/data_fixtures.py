@@ -64,12 +64,16 @@ def cifar_batches(images, labels, split: str):
 
 
 def write_tar(path: Path, members: dict, mode: str = "w:gz") -> Path:
-    """A tarball holding {member name: bytes}."""
+    """A tarball holding {member name: bytes, or None for a folder}."""
     with tarfile.open(path, mode) as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     return path
 
 
@@ -92,8 +96,20 @@ def image_folder_members(split: str, images, labels, class_folders, fmt: str = "
 
 
 def write_members(root: Path, members: dict) -> None:
-    """Write {relative path: bytes} under `root`."""
+    """Write {relative path: bytes, or None for a folder} under `root`."""
     for name, data in members.items():
         path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        if data is None:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+
+def write_image_folder(folder: Path, split: str, members: dict, as_tar: bool) -> None:
+    """`members` as `folder/<split>.tar.gz`, or written out as files under `folder`."""
+    if as_tar:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_tar(folder / f"{split}.tar.gz", members)
+    else:
+        write_members(folder, members)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 from data_fixtures import (CIFAR10_CLASSES, image_bytes, image_folder_members, random_split,
-                           write_members, write_tar)
+                           write_image_folder, write_members, write_tar)
 
 import jaxbatch.data as data_module
 from jaxbatch.cli import main
@@ -27,21 +27,10 @@ def cifar_members(split="train", n=30, fmt="PNG", seed=0):
     return images, labels, image_folder_members(split, images, labels, CIFAR10_CLASSES, fmt)
 
 
-def by_name(members, images, labels):
-    """The images and labels in the loader's order: sorted by class folder, then file name."""
-    order = sorted(range(len(labels)), key=lambda i: sorted(members)[i])
-    return images, labels, order
-
-
 @pytest.mark.parametrize("as_tar", [False, True])
 def test_png_round_trip_is_exact(tmp_path, as_tar):
     images, labels, members = cifar_members()
-    folder = tmp_path / "data" / "cifar10"
-    if as_tar:
-        folder.mkdir(parents=True)
-        write_tar(folder / "train.tar.gz", members)
-    else:
-        write_members(folder, members)
+    write_image_folder(tmp_path / "data" / "cifar10", "train", members, as_tar)
     data = load("cifar10", "train", data_dir=tmp_path / "data", source="files")
     # Members are named <class>/<index>; match each loaded image to its original by content.
     assert sorted(map(bytes, data.images)) == sorted(map(bytes, images))
@@ -173,23 +162,8 @@ def test_empty_tarball(tmp_path, capsys):
 def test_class_folder_without_images(tmp_path, capsys, as_tar):
     _, _, members = cifar_members()
     members = {k: v for k, v in members.items() if "/frog/" not in k}
-    folder = tmp_path / "cifar10"
-    if as_tar:
-        folder.mkdir()
-        import io
-        import tarfile
-
-        with tarfile.open(folder / "train.tar.gz", "w:gz") as tar:
-            info = tarfile.TarInfo("train/frog")
-            info.type = tarfile.DIRTYPE
-            tar.addfile(info)
-            for name, data in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    else:
-        write_members(folder, members)
-        (folder / "train" / "frog").mkdir()
+    members["train/frog"] = None  # the folder is there, empty
+    write_image_folder(tmp_path / "cifar10", "train", members, as_tar)
     expect_error(tmp_path, capsys, "'frog' has no images")
 
 
@@ -217,12 +191,7 @@ def test_wrong_number_of_class_folders(tmp_path):
 def test_file_that_is_not_an_image(tmp_path, capsys, as_tar):
     _, _, members = cifar_members()
     members["train/cat/notes.txt"] = b"hello"
-    folder = tmp_path / "cifar10"
-    if as_tar:
-        folder.mkdir()
-        write_tar(folder / "train.tar.gz", members)
-    else:
-        write_members(folder, members)
+    write_image_folder(tmp_path / "cifar10", "train", members, as_tar)
     expect_error(tmp_path, capsys, "notes.txt", "not a PNG or JPEG image")
 
 
@@ -230,12 +199,7 @@ def test_file_that_is_not_an_image(tmp_path, capsys, as_tar):
 def test_corrupt_image(tmp_path, capsys, as_tar):
     _, _, members = cifar_members()
     members["train/cat/broken.png"] = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
-    folder = tmp_path / "cifar10"
-    if as_tar:
-        folder.mkdir()
-        write_tar(folder / "train.tar.gz", members)
-    else:
-        write_members(folder, members)
+    write_image_folder(tmp_path / "cifar10", "train", members, as_tar)
     expect_error(tmp_path, capsys, "broken.png", "not a readable PNG or JPEG image")
 
 

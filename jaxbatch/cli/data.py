@@ -45,9 +45,9 @@ def add_parser(sub) -> None:
 
 
 def _data_dir(args) -> Path:
-    from jaxbatch.data import default_data_dir
+    from jaxbatch.data import data_dir_or_default
 
-    return Path(args.data_dir) if args.data_dir else default_data_dir()
+    return data_dir_or_default(args.data_dir)
 
 
 def describe(found) -> str:

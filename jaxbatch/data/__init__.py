@@ -3,6 +3,11 @@
 Every dataset comes back the same way, whatever its source: uint8 images
 (N, H, W, C) channels-last (what Flax convolutions expect), int32 labels (N,),
 the class names, and the dataset's name.
+
+Where they come from: digits.py (bundled with scikit-learn), files.py (the
+canonical files in a data folder: idx.py, cifar.py, imagefolder.py, with
+cache.py for slow ones), tfds_source.py (tensorflow-datasets); download.py
+fetches the canonical files. catalog.py says what each dataset is.
 """
 
 from __future__ import annotations
@@ -38,7 +43,11 @@ class Dataset:
 
 def default_data_dir() -> Path:
     """`$JAXBATCH_DATA`, else `~/.jaxbatch/data`."""
-    return Path(os.environ.get("JAXBATCH_DATA") or Path.home() / ".jaxbatch" / "data")
+    return Path(os.environ.get("JAXBATCH_DATA") or Path.home() / ".jaxbatch" / "data").expanduser()
+
+
+def data_dir_or_default(data_dir) -> Path:
+    return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
 
 
 def locate(name: str, split: str, data_dir=None, source: str = "auto"):
@@ -55,7 +64,7 @@ def locate(name: str, split: str, data_dir=None, source: str = "auto"):
         if source == "tfds":
             raise JaxbatchError("digits ships with scikit-learn and has no tfds source; use --source auto")
         return "digits", None
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    data_dir = data_dir_or_default(data_dir)
     if source in ("auto", "files"):
         found = files.find_files(spec, split, data_dir)
         if found:
@@ -79,7 +88,7 @@ def load(name: str, split: str, data_dir=None, source: str = "auto") -> Dataset:
     files again (unless the files changed); the arrays are read-only, so copy
     before changing them in place.
     """
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    data_dir = data_dir_or_default(data_dir)
     found = locate(name, split, data_dir, source)
     if found is None:
         spec = get_spec(name)

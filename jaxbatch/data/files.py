@@ -16,7 +16,6 @@ import numpy as np
 
 from jaxbatch.data import cache, cifar, idx, imagefolder
 from jaxbatch.data.catalog import DatasetSpec, check_arrays
-from jaxbatch.errors import JaxbatchError
 
 
 @dataclasses.dataclass(frozen=True)
