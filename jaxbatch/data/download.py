@@ -100,6 +100,7 @@ def fetch(url: str, dest: Path, remote: RemoteFile, on_progress: Progress | None
                 f"{url}: SHA-256 {digest.hexdigest()} does not match the pinned "
                 f"{remote.sha256}; the file is corrupt or not the official one and was discarded"
             )
+        os.chmod(tmp, 0o644)  # mkstemp made it private; a data folder is often shared
         os.replace(tmp, dest)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:  # HTTP, DNS, cut
         os.unlink(tmp)
