@@ -7,6 +7,7 @@ initialisation (see init.py). Takes one example (H, W, C) or a batch.
 
 import flax.linen as nn
 
+from jaxbatch.models.conv import max_pool
 from jaxbatch.models.init import flatten_example, torch_bias_init, torch_kernel_init
 
 
@@ -18,10 +19,10 @@ class CNN(nn.Module):
         in_ch = x.shape[-1]
         x = nn.Conv(16, (5, 5), padding=2, kernel_init=torch_kernel_init,
                     bias_init=torch_bias_init(25 * in_ch), name="conv1")(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = max_pool(nn.relu(x))
         x = nn.Conv(32, (5, 5), padding=2, kernel_init=torch_kernel_init,
                     bias_init=torch_bias_init(25 * 16), name="conv2")(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = max_pool(nn.relu(x))
         x = flatten_example(x)
         return nn.Dense(self.num_classes, kernel_init=torch_kernel_init,
                         bias_init=torch_bias_init(x.shape[-1]), name="out")(x)

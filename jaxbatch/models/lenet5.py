@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxbatch.errors import JaxbatchError
+from jaxbatch.models.conv import max_pool
 from jaxbatch.models.init import flatten_example, torch_bias_init, torch_kernel_init
 
 INPUT_SIZE = 32
@@ -47,10 +48,10 @@ class LeNet5(nn.Module):
             n, kernel_init=torch_kernel_init, bias_init=torch_bias_init(fan_in), name=name)
         x = nn.Conv(6, (5, 5), padding="VALID", kernel_init=torch_kernel_init,
                     bias_init=torch_bias_init(25 * in_ch), name="conv1")(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = max_pool(nn.relu(x))
         x = nn.Conv(16, (5, 5), padding="VALID", kernel_init=torch_kernel_init,
                     bias_init=torch_bias_init(25 * 6), name="conv2")(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = max_pool(nn.relu(x))
         x = flatten_example(x)
         x = nn.relu(dense(120, x.shape[-1], "fc1")(x))
         x = nn.relu(dense(84, 120, "fc2")(x))
