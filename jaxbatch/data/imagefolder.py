@@ -5,19 +5,19 @@ label of an image is the index of its class folder: the dataset's own class
 order where the catalogue defines one (CIFAR-10: airplane, automobile, ...),
 else the sorted order of the folder names.
 
-Decoding tens of thousands of small images is Python-bound (about 20-50 us
-each), so it runs in worker processes, and `files.py` caches the result.
+Decoding tens of thousands of small images takes seconds, so it runs in a
+pool of threads (Pillow releases the GIL while it decodes; threads, unlike
+worker processes, also work from notebooks and unguarded scripts and never
+fork a process running JAX), and `files.py` caches the result.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
-import multiprocessing
 import tarfile
 import zlib
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -28,8 +28,8 @@ from jaxbatch.errors import JaxbatchError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 WORKERS = 2
-PARALLEL_MIN = 2048  # below this, starting worker processes costs more than it saves
-CHUNK = 2500  # images per task sent to a worker
+PARALLEL_MIN = 2048  # below this, a pool costs more than it saves
+CHUNK = 2500  # images per task
 
 
 def image_folder_source(folder: Path, split: str) -> Path | None:
@@ -157,27 +157,18 @@ def decode_images(items, shape: tuple, workers: int = WORKERS) -> np.ndarray:
     """Decode (display name, path or bytes) pairs into uint8 (N, H, W, C).
 
     `items` may be a generator (e.g. members streaming out of a tarball): chunks
-    go to the worker processes as soon as they are read, so decoding overlaps
-    reading. Fewer than PARALLEL_MIN items are decoded here.
+    go to the thread pool as soon as they are read, so decoding overlaps
+    reading. Fewer than PARALLEL_MIN items are decoded in the calling thread.
     """
     items = iter(items)
     first = list(itertools.islice(items, PARALLEL_MIN))
     if workers <= 1 or len(first) < PARALLEL_MIN:
         return _decode_chunk(first + list(items), shape)
-    # spawn, not fork: forking a process that runs JAX's threads can deadlock.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    chunks, futures = [first], [pool.submit(_decode_chunk, first, shape)]
-    try:
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(_decode_chunk, first, shape)]
         while chunk := list(itertools.islice(items, CHUNK)):
-            chunks.append(chunk)
             futures.append(pool.submit(_decode_chunk, chunk, shape))
         return np.concatenate([future.result() for future in futures])
-    except BrokenProcessPool:
-        # Workers cannot start where the main module cannot be re-imported
-        # (e.g. a script piped to `python -`): decode here instead.
-        return _decode_chunk([item for chunk in chunks for item in chunk] + list(items), shape)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _decode_chunk(items: list, shape: tuple) -> np.ndarray:
