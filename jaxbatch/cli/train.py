@@ -13,7 +13,9 @@ def add_parser(sub) -> None:
     from jaxbatch.models import MODELS
     from jaxbatch.optim import OPTIMIZERS, SCHEDULES
     from jaxbatch.recipes import RECIPES
-    from jaxbatch.train import LOSS_MODES, REDUCTIONS
+    from jaxbatch.train import LOSS_MODES, REDUCTIONS, TrainConfig
+
+    d = TrainConfig()  # the defaults, quoted in the help
 
     p = sub.add_parser(
         "train", help="train a model (default: mlp on the bundled digits)",
@@ -24,25 +26,25 @@ def add_parser(sub) -> None:
     p.add_argument("--dataset", help="digits (bundled), mnist, fashion_mnist, kmnist, cifar10")
     p.add_argument("--data-dir", help="folder holding <dataset>/ files (default $JAXBATCH_DATA or ~/.jaxbatch/data)")
     p.add_argument("--source", choices=list(SOURCES), help="where to read the dataset from (default auto)")
-    p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--optimizer", choices=list(OPTIMIZERS))
-    p.add_argument("--lr", type=positive_float, help="learning rate (peak, with a schedule)")
-    p.add_argument("--momentum", type=non_negative_float)
-    p.add_argument("--nesterov", action=argparse_bool(), default=None)
+    p.add_argument("--epochs", type=positive_int, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=positive_int, help=f"default {d.batch_size}")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), help=f"default {d.optimizer}")
+    p.add_argument("--lr", type=positive_float, help=f"learning rate (the peak, with a schedule; default {d.lr:g})")
+    p.add_argument("--momentum", type=non_negative_float, help=f"sgd momentum (default {d.momentum:g})")
+    p.add_argument("--nesterov", action=argparse_bool(), default=None, help="Nesterov momentum (sgd)")
     p.add_argument("--weight-decay", type=non_negative_float,
-                   help="L2 added to the gradient (sgd, adam), or decoupled (adamw)")
-    p.add_argument("--schedule", choices=list(SCHEDULES))
-    p.add_argument("--warmup-steps", type=int)
+                   help=f"L2 added to the gradient (sgd, adam), or decoupled (adamw); default {d.weight_decay:g}")
+    p.add_argument("--schedule", choices=list(SCHEDULES), help=f"learning-rate schedule (default {d.schedule})")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps for warmup schedules")
     p.add_argument("--loss", choices=list(LOSS_MODES),
-                   help="vmap: the one-example loss under jax.vmap; batched: the whole batch at once")
-    p.add_argument("--loss-reduction", choices=list(REDUCTIONS))
-    p.add_argument("--input-scale", type=positive_float, help="inputs are pixels / 255 * this (default 1)")
+                   help="vmap: the one-example loss under jax.vmap (default); batched: the whole batch at once")
+    p.add_argument("--loss-reduction", choices=list(REDUCTIONS), help="mean (default) or sum over the batch")
+    p.add_argument("--input-scale", type=positive_float, help=f"inputs are pixels / 255 * this (default {d.input_scale:g})")
     p.add_argument("--standardize", action=argparse_bool(), default=None,
                    help="per-channel standardisation with training-set statistics")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help=f"initialisation and shuffling seed (default {d.seed})")
     p.add_argument("--max-loss", type=positive_float,
-                   help="a step loss above this (or NaN/inf) stops training as diverged (default 1e4)")
+                   help=f"a step loss above this (or NaN/inf) stops training as diverged (default {d.max_loss:g})")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps in all")
     p.add_argument("--out", help="folder for metrics.jsonl, config.json and params.msgpack "
                    "(default runs/<recipe or model-dataset>)")
