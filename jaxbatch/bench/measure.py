@@ -1,0 +1,118 @@
+"""How one figure is measured: step times, compile time, FLOPs, memory, peak.
+
+Step time: after `warmup` calls, the step is called repeatedly, each call
+waited for (`jax.block_until_ready`, or torch's synchronize on a GPU), with
+the input batch rotated among a few different ones so no cache sees the same
+data twice in a row; the figure is the median (the minimum is kept too: on a
+shared machine it is the better estimate of the work itself). Repeats go on
+until both `min_repeats` and `min_time_s` are reached, or `max_repeats`.
+
+FLOPs come from XLA's cost analysis of the compiled step, so they count what
+XLA runs (matrix products and elementwise work alike), not a formula; memory
+from the compiled executable's memory analysis (arguments + outputs +
+temporaries - donated aliases). Fractions of peak are against a dense float32
+matrix product timed in the same run on the same device.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, NamedTuple
+
+
+class Timing(NamedTuple):
+    median_s: float
+    min_s: float
+    repeats: int
+
+
+def time_calls(call: Callable, inputs: list[tuple], sync: Callable[[Any], Any], *, warmup: int = 2,
+               min_repeats: int = 5, max_repeats: int = 100, min_time_s: float = 1.0) -> Timing:
+    """Median and minimum seconds of `sync(call(*args))`, args rotating through `inputs`."""
+    for i in range(warmup):
+        sync(call(*inputs[i % len(inputs)]))
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - started < min_time_s):
+        args = inputs[(len(times) + warmup) % len(inputs)]
+        t0 = time.perf_counter()
+        sync(call(*args))
+        times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), min(times), len(times))
+
+
+def block(tree):
+    import jax
+
+    return jax.block_until_ready(tree)
+
+
+class Compiled(NamedTuple):
+    executable: Any
+    compile_s: float
+    flops: float | None
+    peak_memory_bytes: int | None
+
+
+def compile_step(fn: Callable, *example_args) -> Compiled:
+    """jit, lower and compile `fn` for these argument shapes; time it and read
+    XLA's cost and memory analyses."""
+    import jax
+
+    t0 = time.perf_counter()
+    executable = jax.jit(fn).lower(*example_args).compile()
+    compile_s = time.perf_counter() - t0
+    return Compiled(executable, compile_s, xla_flops(executable), xla_peak_memory(executable))
+
+
+def xla_flops(executable) -> float | None:
+    """FLOPs per call from XLA's cost analysis (None if the backend gives none).
+    A loop body (lax.map, scan) is counted once, not once per trip."""
+    try:
+        cost = executable.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops is not None and flops >= 0 else None
+
+
+def xla_peak_memory(executable) -> int | None:
+    """Bytes live at once while the executable runs: arguments + outputs +
+    temporaries - aliased (donated) buffers."""
+    try:
+        mem = executable.memory_analysis()
+    except Exception:
+        mem = None
+    if mem is None:
+        return None
+    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+               - mem.alias_size_in_bytes)
+
+
+def matmul_size(platform: str) -> int:
+    """Big enough to reach a device's dense-matmul peak, small enough to be quick."""
+    return 2048 if platform == "cpu" else 8192
+
+
+def jax_matmul_peak(n: int, **timing) -> dict:
+    """FLOP/s of an n x n x n float32 matrix product in JAX (2 n^3 FLOPs),
+    at JAX's default precision, as the models' products run."""
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(0), 6)
+    pairs = [(jax.random.normal(keys[2 * i], (n, n)), jax.random.normal(keys[2 * i + 1], (n, n))) for i in range(3)]
+    matmul = jax.jit(jnp.matmul)
+    t = time_calls(matmul, pairs, block, **timing)
+    return {"size": n, "median_s": t.median_s, "min_s": t.min_s,
+            "flops_per_s": 2 * n**3 / t.min_s, "flops_per_s_median": 2 * n**3 / t.median_s}
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """XLA's and PyTorch's ways of saying the device ran out of memory."""
+    text = f"{type(err).__name__}: {err}".lower()
+    return isinstance(err, MemoryError) or any(
+        s in text for s in ("resource_exhausted", "out of memory", "outofmemory", "failed to allocate"))

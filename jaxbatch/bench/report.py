@@ -1,0 +1,313 @@
+"""Turning a benchmark record into files: JSON, a markdown report, PNG plots,
+and the targets the figures are held to.
+
+Every file is written to a temporary name in the same folder and renamed
+into place, so an interrupted run leaves no half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from jaxbatch.errors import JaxbatchError
+
+# ---- lookups -----------------------------------------------------------------
+
+
+def ok_rows(record: dict, framework: str = "jax") -> list[dict]:
+    return [r for r in record["results"] if r["framework"] == framework and r["status"] == "ok"]
+
+
+def find(record: dict, model: str, batch_size: int, method: str, framework: str = "jax") -> dict | None:
+    for r in record["results"]:
+        if (r["framework"], r["model"], r["batch_size"], r["method"], r["status"]) == (
+                framework, model, batch_size, method, "ok"):
+            return r
+    return None
+
+
+def ratio(record, model, batch_size, method, base="batched", framework="jax", base_framework="jax"):
+    """step time of `method` / step time of `base` (same model and batch size), or None."""
+    a = find(record, model, batch_size, method, framework)
+    b = find(record, model, batch_size, base, base_framework)
+    return a["step_s"] / b["step_s"] if a and b else None
+
+
+# ---- targets -----------------------------------------------------------------
+
+TARGET_BATCH = 256
+
+
+def check_targets(record: dict) -> list[dict]:
+    """The targets of docs/bench.md, each with its measured figure and
+    whether it was met (None when the run did not measure it)."""
+    rows = []
+    platform = record["device"]["platform"]
+    models = sorted({r["model"] for r in ok_rows(record)}, key=_model_order)
+    sizes = sorted({r["batch_size"] for r in ok_rows(record)})
+
+    def add(target, measured, limit, met, note=""):
+        rows.append({"target": target, "measured": measured, "limit": limit, "met": met, "note": note})
+
+    for m in models:
+        worst, at = None, None
+        for b in sizes:
+            if b < 32:
+                continue
+            r = ratio(record, m, b, "vmap")
+            if r is not None and (worst is None or r > worst):
+                worst, at = r, b
+        add(f"{m}: vmap-mean step / batched step, worst over B >= 32", worst, 1.05,
+            None if worst is None else worst <= 1.05, f"at B = {at}" if at else "")
+
+    b = TARGET_BATCH
+    per_example_limit = {"mlp": 1.3, "fc_nobias": 1.3, "mlp_scratch": 1.3, "cnn": 1.5, "lenet5": 1.5}
+    for m in models:
+        limit = 1.2 if platform == "gpu" else per_example_limit.get(m)
+        r = ratio(record, m, b, "per_example")
+        add(f"{m}: per-example gradients / batched gradient, B = {b}", r, limit,
+            None if r is None or limit is None else r <= limit)
+
+    if any(r["framework"] == "torch" for r in record["results"]):
+        for m in models:
+            # speed-up over torch.func: torch time / jax time
+            r = ratio(record, m, b, "per_example", "per_example", "torch", "jax")
+            need = 10.0 if m in ("mlp", "fc_nobias", "mlp_scratch") else 1.0
+            add(f"{m}: per-example gradients, speed-up over torch.func, B = {b}", r, need,
+                None if r is None else r >= need, "torch.func time / jax time")
+        for m in models:
+            r = ratio(record, m, b, "batched", "batched", "torch", "jax")
+            add(f"{m}: batched step, speed-up over PyTorch eager, B = {b}", r, 1.0,
+                None if r is None else r >= 1.0, "torch time / jax time")
+
+    mlp = find(record, "mlp", b, "batched")
+    frac = mlp.get("fraction_of_peak") if mlp else None
+    add(f"mlp: batched step FLOP/s / measured matmul peak, B = {b}", frac, 0.75,
+        None if frac is None else frac >= 0.75)
+
+    if platform == "gpu" and "h100" in record["device"]["name"].lower():
+        limits = {"mlp-fashion": 0.030, "cnn-mnist": 0.3}
+        for e in record.get("epochs", []):
+            if e["recipe"] in limits and e["status"] == "ok":
+                add(f"H100: one {e['recipe']} epoch (s)", e["epoch_s"], limits[e["recipe"]],
+                    e["epoch_s"] <= limits[e["recipe"]])
+    return rows
+
+
+def _model_order(name):
+    order = ["mlp", "mlp_scratch", "cnn", "lenet5", "fc_nobias"]
+    return order.index(name) if name in order else len(order)
+
+
+# ---- markdown ----------------------------------------------------------------
+
+
+def _fmt(value, kind):
+    if value is None:
+        return "-"
+    if kind == "ms":
+        return f"{value * 1e3:.3g}" if value * 1e3 < 100 else f"{value * 1e3:.0f}"
+    if kind == "s":
+        return f"{value:.2f}"
+    if kind == "int":
+        return f"{value:,.0f}"
+    if kind == "x":
+        return f"{value:.2f}x"
+    if kind == "pct":
+        return f"{value:.0%}"
+    if kind == "gflop":
+        return f"{value / 1e9:.3g}"
+    if kind == "mb":
+        return f"{value / 2**20:.1f}"
+    return str(value)
+
+
+def to_markdown(record: dict) -> str:
+    dev, sw = record["device"], record["software"]
+    peak = record["matmul_peak"]
+    lines = [f"# jaxbatch bench: {dev['platform'].upper()} {dev['name']}", ""]
+    lines.append(f"- device: {dev['platform']} `{dev['name']}` x{dev['device_count']}; host CPU `{dev['host_cpu']}`, "
+                 f"{dev['host_cores']} cores ({', '.join(dev['cpu_flags']) or 'no AVX'})")
+    lines.append(f"- software: jax {sw['jax']}, jaxlib {sw['jaxlib']}, flax {sw['flax']}, optax {sw['optax']}"
+                 + (f", torch {sw['torch']} ({sw.get('torch_threads')} threads)" if sw.get("torch") else "")
+                 + (f"; XLA_FLAGS `{sw['xla_flags']}`" if sw.get("xla_flags") else ""))
+    lines.append(f"- run: {record['created_utc']}, {record['total_s']:.0f} s; load average at start "
+                 f"{_fmt_load(record.get('load_average_start'))}, at end {_fmt_load(record.get('load_average_end'))}")
+    mp = f"- dense float32 matmul peak ({peak['jax']['size']}^3): JAX {peak['jax']['flops_per_s'] / 1e9:.0f} GFLOP/s"
+    if "torch" in peak:
+        mp += f", PyTorch {peak['torch']['flops_per_s'] / 1e9:.0f} GFLOP/s"
+    lines += [mp, "", "Step = loss + gradient of the mean loss over the batch (no optimiser update). "
+              "Times are medians; `% peak` is XLA's FLOP count per step / median time / the JAX matmul peak.", ""]
+
+    has_torch = any(r["framework"] == "torch" for r in record["results"])
+    models = sorted({r["model"] for r in record["results"]}, key=_model_order)
+    for m in models:
+        lines += [f"## {m}", ""]
+        head = "| B | method | compile s | step ms | examples/s | GFLOP/step | % peak | memory MB | vs batched |"
+        sep = "|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+        if has_torch:
+            head += " torch ms | torch / jax |"
+            sep += "---:|---:|"
+        lines += [head, sep]
+        for r in sorted((r for r in record["results"] if r["model"] == m and r["framework"] == "jax"),
+                        key=lambda r: (r["batch_size"], _method_order(r["method"]))):
+            if r["status"] != "ok":
+                continue
+            cells = [str(r["batch_size"]), r["method"], _fmt(r.get("compile_s"), "s"), _fmt(r["step_s"], "ms"),
+                     _fmt(r["examples_per_s"], "int"), _fmt(r.get("flops"), "gflop"),
+                     _fmt(r.get("fraction_of_peak"), "pct"), _fmt(r.get("peak_memory_bytes"), "mb"),
+                     _fmt(ratio(record, m, r["batch_size"], r["method"]), "x")]
+            if has_torch:
+                t = find(record, m, r["batch_size"], r["method"], "torch")
+                cells += [_fmt(t["step_s"], "ms") if t else "-", _fmt(t["step_s"] / r["step_s"], "x") if t else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        skipped = [r for r in record["results"] if r["model"] == m and r["status"] != "ok"
+                   and not r.get("reason", "").startswith("the Python loop")]
+        if skipped:
+            lines += [""] + [f"- skipped: {r['framework']} {r['method']} B = {r['batch_size']}: {r['reason']}"
+                             for r in skipped]
+        lines.append("")
+
+    if record.get("epochs"):
+        lines += ["## Training epochs", "", "| recipe | model | dataset | batch | epoch s | examples/s | test acc |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for e in record["epochs"]:
+            if e["status"] == "ok":
+                lines.append(f"| {e['recipe']} | {e['model']} | {e['dataset']} | {e['batch_size']} | "
+                             f"{e['epoch_s']:.2f} | {e['examples_per_s']:,.0f} | {e['test_accuracy']:.3f} |")
+            else:
+                lines.append(f"| {e['recipe']} | {e['model']} | {e['dataset']} | {e['batch_size']} | "
+                             f"skipped: {e['reason']} | | |")
+        lines.append("")
+
+    lines += ["## Targets", "", "| target | measured | limit | met |", "|---|---:|---:|---|"]
+    for t in check_targets(record):
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        measured = "-" if t["measured"] is None else f"{t['measured']:.3g}"
+        note = f" ({t['note']})" if t["note"] else ""
+        lines.append(f"| {t['target']}{note} | {measured} | {t['limit']} | {met} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt_load(load):
+    return "-" if not load else "/".join(f"{x:.1f}" for x in load)
+
+
+def _method_order(name):
+    from jaxbatch.bench.methods import METHODS
+
+    return METHODS.index(name) if name in METHODS else len(METHODS)
+
+
+# ---- plots -------------------------------------------------------------------
+
+
+def plot_throughput(record: dict, path: Path) -> None:
+    """Examples per second against batch size, one panel per model, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in record["results"]}, key=_model_order)
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for framework, style in (("jax", "-o"), ("torch", "--s")):
+            for method in sorted({r["method"] for r in ok_rows(record, framework) if r["model"] == m},
+                                 key=_method_order):
+                pts = sorted((r["batch_size"], r["examples_per_s"]) for r in ok_rows(record, framework)
+                             if r["model"] == m and r["method"] == method)
+                if pts:
+                    label = method if framework == "jax" else f"torch {method}"
+                    ax.plot(*zip(*pts), style, label=label, markersize=3)
+        ax.set(xscale="log", yscale="log", title=m, xlabel="batch size")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("examples / s")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{record['device']['platform']} {record['device']['name']}: gradient step throughput")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_overhead(record: dict, path: Path) -> None:
+    """Per-example gradients (and vmap mean) step time / batched step time against batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    models = sorted({r["model"] for r in record["results"]}, key=_model_order)
+    for m in models:
+        for method, style in (("per_example", "-o"), ("vmap", ":^")):
+            pts = [(b, ratio(record, m, b, method)) for b in sorted({r["batch_size"] for r in ok_rows(record)})]
+            pts = [(b, r) for b, r in pts if r is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{m} {method}", markersize=3)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set(xscale="log", xlabel="batch size", ylabel="step time / batched step time",
+           title="cost of per-example gradients over the batched gradient")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+# ---- files -------------------------------------------------------------------
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(record: dict, out_dir, name: str, plots: bool = True) -> list[Path]:
+    """<out_dir>/<name>.json, <name>.md and, with plots, <name>-throughput.png
+    and <name>-overhead.png. Returns the paths written."""
+    out = Path(out_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise JaxbatchError(f"cannot create the output folder {out}: {err.strerror}; pass another --out")
+    paths = [out / f"{name}.json", out / f"{name}.md"]
+    _write_text(paths[0], json.dumps(record, indent=1) + "\n")
+    _write_text(paths[1], to_markdown(record))
+    if plots:
+        paths += [out / f"{name}-throughput.png", out / f"{name}-overhead.png"]
+        plot_throughput(record, paths[2])
+        plot_overhead(record, paths[3])
+    return paths
+
+
+def load_record(path) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise JaxbatchError(f"cannot read benchmark results {path}: {err}")
+    from jaxbatch.bench.run import SCHEMA
+
+    if record.get("schema") != SCHEMA:
+        raise JaxbatchError(f"{path} is not a jaxbatch bench result (schema {record.get('schema')!r})")
+    return record
