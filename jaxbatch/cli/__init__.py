@@ -13,7 +13,7 @@ import sys
 
 from jaxbatch.errors import JaxbatchError
 
-SUBCOMMANDS = ["train", "data", "bench"]  # each module adds its name here
+SUBCOMMANDS = ["train", "data", "experiment", "bench"]  # each module adds its name here
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -1,0 +1,61 @@
+"""The texts' demonstrations, one module each:
+
+    equality      text A: the batch gradient four ways, equal to rounding
+    variance      text D: minibatch gradient variance against B, and B_noise
+    input-scale   text C: inputs x255 and what SGD makes of them
+    lr-scaling    text D: constant, linear and square-root learning-rate rules
+    activations   text E: ReLU, sigmoid, tanh and their derivatives; two
+                  linear layers are one
+
+Each module has a `Config` dataclass whose defaults are the full run on the
+real datasets, `QUICK` (the fields a small offline run on `digits` changes),
+`run(config, on_progress) -> result` (a JSON-able dict), `summary(result)`
+(the printed table) and `figures(result)` ({name: matplotlib Figure}).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+
+from jaxbatch.errors import JaxbatchError
+from jaxbatch.experiments.report import check_out_dir, write_results
+
+EXPERIMENTS = {
+    "equality": "equality",
+    "variance": "variance",
+    "input-scale": "input_scale",
+    "lr-scaling": "lr_scaling",
+    "activations": "activations",
+}
+
+
+def get_experiment(name: str) -> ModuleType:
+    if name not in EXPERIMENTS:
+        raise JaxbatchError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
+    return importlib.import_module(f"jaxbatch.experiments.{EXPERIMENTS[name]}")
+
+
+def make_config(name: str, quick: bool = False, **overrides):
+    """The experiment's Config: its full defaults, or QUICK's with `quick`,
+    then `overrides` (None values are ignored)."""
+    module = get_experiment(name)
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise JaxbatchError(f"experiment {name} has no setting {sorted(unknown)[0]!r}; "
+                            f"its settings: {', '.join(sorted(fields))}")
+    values = dict(module.QUICK) if quick else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return module.Config(**values)
+
+
+def run_experiment(name: str, config, out, on_progress=None):
+    """Run one experiment and write result.json and its plots to `out`.
+    The folder is checked before any work, and written only at the end.
+    Returns (result, paths written)."""
+    module = get_experiment(name)
+    check_out_dir(out)
+    result = module.run(config, on_progress)
+    return result, write_results(out, result, module.figures(result))

@@ -1,0 +1,287 @@
+"""Text A: is the batch gradient the average of the examples' gradients?
+
+For a batch B and the mean loss L_B = (1/|B|) sum_i l(theta; x_i, y_i),
+linearity of differentiation gives
+
+    grad L_B = (1/|B|) sum_i grad l(theta; x_i, y_i),
+
+so "one example at a time, average after the batch" (text A's option 1) and
+"the whole batch at once" (option 2) are the same gradient. This experiment
+computes it four ways, for every model, on one real batch:
+
+    loop      a Python loop over the batch, one jitted single-example gradient
+              at a time, summed, divided by |B| (option 1, literally)
+    vmap      per-example gradients jax.vmap(jax.grad(l)), then their mean
+    grad_vmap jax.grad of the mean of the vmapped one-example loss
+    batched   jax.grad of the natively batched loss (option 2)
+
+and reports, per parameter array and pair of ways, the largest absolute
+difference max|a - b| and the relative difference max|a - b| / max|b| (the
+scale is the largest entry of the array, not each entry, so entries near 0
+cannot blow it up), in float32 and in float64.
+
+The four sums differ only in the order in which floating-point additions are
+done, and each rounding costs at most the unit roundoff u of the format
+(u = 2^-24 ~ 6e-8 in float32, 2^-53 ~ 1.1e-16 in float64), so the ways agree
+to a small multiple of u: ~1e-7 in float32, ~1e-16 in float64.
+
+Text E's point is checked too: one SGD step on the summed loss with lr/|B|
+equals one step on the mean loss with lr, since grad sum_i l_i = |B| grad L_B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbatch import data as data_lib
+from jaxbatch.errors import JaxbatchError
+from jaxbatch.experiments.report import format_table, new_figure
+from jaxbatch.losses import batched_loss, example_loss, mean_per_example_grads, vmap_loss
+from jaxbatch.models import MODELS, get_model
+from jaxbatch.precision import enable_x64
+from jaxbatch.train import TrainConfig, init_params
+
+WAYS = ("loop", "vmap", "grad_vmap", "batched")
+WAY_NAMES = {
+    "loop": "Python loop of one-example gradients, averaged (text A, option 1)",
+    "vmap": "jax.vmap(jax.grad(l)) per-example gradients, then the mean",
+    "grad_vmap": "jax.grad of the mean of the vmapped one-example loss",
+    "batched": "jax.grad of the natively batched loss (text A, option 2)",
+}
+DTYPES = ("float32", "float64")
+TARGETS = {"float32": 1e-5, "float64": 1e-12}  # largest relative difference allowed
+EXPLANATION = (
+    "The four ways add the same per-example terms in different orders (a Python loop, a vmapped "
+    "mean, a reduction inside the backward pass). Floating-point addition is not associative: "
+    "each addition rounds to the nearest representable number, an error of at most the unit "
+    "roundoff u = 2^-24 ~ 6e-8 in float32 and 2^-53 ~ 1.1e-16 in float64. So the ways agree to "
+    "a few u: ~1e-7 in float32 and ~1e-16 in float64 -- the same gradient, rounded differently."
+)
+
+
+@dataclasses.dataclass
+class Config:
+    models: tuple = tuple(MODELS)
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    batch_size: int = 50  # text A's batch; not a power of 2, so dividing by it rounds
+    lr: float = 0.1  # for the summed-vs-mean SGD step (text E)
+    repeats: int = 3  # timing: the median of this many runs after a warm-up
+    seed: int = 0
+
+
+QUICK = dict(dataset="digits", repeats=1)
+
+
+def validate(config: Config) -> None:
+    for name in config.models:
+        get_model(name)
+    data_lib.get_spec(config.dataset)
+    if config.batch_size < 1 or config.repeats < 1:
+        raise JaxbatchError("batch size and repeats must be 1 or more")
+    if not config.lr > 0:
+        raise JaxbatchError(f"learning rate must be greater than 0, got {config.lr}")
+
+
+# ---- the four ways ---------------------------------------------------------
+
+
+def loop_grad(grad_one, params, xs, ys):
+    """Option 1, literally: one example at a time, summed in order, then
+    divided by |B|. (The running sum is kept in NumPy, in the gradient's own
+    dtype, so the loop adds no compiled steps of its own.)"""
+    total = None
+    for x, y in zip(xs, ys):
+        g = jax.tree.map(np.asarray, grad_one(params, x, y))
+        total = g if total is None else jax.tree.map(np.add, total, g)
+    return jax.tree.map(lambda t: t / t.dtype.type(len(ys)), total)
+
+
+def way_functions(apply_fn) -> dict:
+    """{way: f(params, xs, ys) -> batch gradient}; the loop runs in Python over
+    a jitted one-example gradient, the others are jitted whole."""
+    grad_one = jax.jit(jax.grad(lambda p, x, y: example_loss(apply_fn, p, x, y)))
+    return {
+        "loop": lambda p, xs, ys: loop_grad(grad_one, p, xs, ys),
+        "vmap": jax.jit(lambda p, xs, ys: mean_per_example_grads(apply_fn, p, xs, ys)),
+        "grad_vmap": jax.jit(jax.grad(lambda p, xs, ys: vmap_loss(apply_fn, p, xs, ys))),
+        "batched": jax.jit(jax.grad(lambda p, xs, ys: batched_loss(apply_fn, p, xs, ys))),
+    }
+
+
+def timed(f, *args, repeats: int):
+    """(result, median seconds of `repeats` calls after one warm-up call)."""
+    out = jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return out, float(np.median(times))
+
+
+def differences(a, b) -> dict:
+    """{parameter path: (max|a-b|, max|a-b| / max|b|)} for two gradient pytrees."""
+    out = {}
+    for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        diff = float(np.max(np.abs(x - y)))
+        scale = float(np.max(np.abs(y)))
+        out[jax.tree_util.keystr(path)] = (diff, diff / scale if scale > 0 else (0.0 if diff == 0 else np.inf))
+    return out
+
+
+def sum_vs_mean_step(apply_fn, params, xs, ys, mean_grad, lr: float) -> float:
+    """max|theta_sum - theta_mean| after one SGD step (text E): the summed loss
+    at lr/|B|, `param -= lr * grad / batch_size`, against the mean loss at lr."""
+    sum_grad = jax.jit(jax.grad(lambda p: batched_loss(apply_fn, p, xs, ys, reduction="sum")))(params)
+    diffs = []
+    for p, gs, gm in zip(*(map(np.asarray, jax.tree.leaves(t)) for t in (params, sum_grad, mean_grad))):
+        lr_sum, lr_mean = p.dtype.type(lr / len(ys)), p.dtype.type(lr)
+        diffs.append(np.max(np.abs((p - lr_sum * gs) - (p - lr_mean * gm))))
+    return float(max(diffs))
+
+
+# ---- the batch each model sees ---------------------------------------------
+
+
+def model_batch(model, images: np.ndarray):
+    """The batch as this model can take it, and a note when it had to change.
+
+    LeNet-5 takes 32x32 (or 28x28, padded) images; 8x8 digits are enlarged 4x
+    by repeating pixels (nearest neighbour), the same digits at LeNet's size.
+    """
+    try:
+        model.check_image_shape(images.shape[1:])
+        return images, None
+    except JaxbatchError:
+        h = images.shape[1]
+        if 32 % h:
+            raise
+        k = 32 // h
+        note = f"{h}x{h} images enlarged {k}x (pixels repeated) to 32x32, the size {model.name} takes"
+        return images.repeat(k, axis=1).repeat(k, axis=2), note
+
+
+def compare_model(model, params, pixels, labels, config: Config, dtype: str, on_progress) -> dict:
+    """The four gradients of one model in one dtype: differences and times."""
+    # Float64 needs x64 switched on while the functions are traced and run.
+    with enable_x64() if dtype == "float64" else contextlib.nullcontext():
+        params = jax.tree.map(lambda a: np.asarray(a, dtype), params)
+        xs, ys = np.asarray(pixels / 255.0, dtype), labels
+        grads, seconds = {}, {}
+        for way, f in way_functions(model.apply).items():
+            on_progress(f"{model.name} {dtype}: {way}")
+            grads[way], seconds[way] = timed(f, params, xs, ys, repeats=config.repeats)
+        pairs = {}
+        for a, b in itertools.combinations(WAYS, 2):
+            pairs[f"{a}~{b}"] = {path: {"max_abs": d, "max_rel": r}
+                                 for path, (d, r) in differences(grads[a], grads[b]).items()}
+        step_diff = sum_vs_mean_step(model.apply, params, xs, ys, grads["batched"], config.lr)
+    worst = max(v["max_rel"] for per_param in pairs.values() for v in per_param.values())
+    return {"seconds": seconds, "pairs": pairs, "max_rel": worst,
+            "max_abs": max(v["max_abs"] for p in pairs.values() for v in p.values()),
+            "sum_vs_mean_step_max_abs": step_diff,
+            "within_target": bool(worst <= TARGETS[dtype])}
+
+
+def run(config: Config, on_progress=None) -> dict:
+    """The whole comparison; returns the JSON-able result."""
+    on_progress = on_progress or (lambda text: None)
+    validate(config)
+    train = data_lib.load(config.dataset, "train", config.data_dir)
+    if config.batch_size > len(train):
+        raise JaxbatchError(f"batch size {config.batch_size} is larger than the {len(train)} training "
+                            f"examples of {config.dataset}; pass a smaller --batch-size")
+    order = np.random.default_rng(config.seed).permutation(len(train))[: config.batch_size]
+    images, labels = train.images[order], train.labels[order]
+    models = {}
+    for name in config.models:
+        model = get_model(name)
+        pixels, note = model_batch(model, images)
+        models[name] = {"input_shape": list(pixels.shape), "note": note}
+        # Initialised once, in float32 (jitted: eager Flax init compiles every op), then cast.
+        params = jax.jit(lambda: init_params(TrainConfig(model=name, seed=config.seed), pixels.shape[1:]))()
+        for dtype in DTYPES:
+            models[name][dtype] = compare_model(model, params, pixels, labels, config, dtype, on_progress)
+    return {
+        "experiment": "equality",
+        "config": dataclasses.asdict(config),
+        "ways": WAY_NAMES,
+        "relative_difference": "max|a - b| / max|b| over one parameter array",
+        "targets": TARGETS,
+        "models": models,
+        "all_within_target": all(m[d]["within_target"] for m in models.values() for d in DTYPES),
+        "explanation": EXPLANATION,
+        "timing_note": "seconds per batch gradient, median of repeats after a warm-up call, on "
+                       + _machine(),
+    }
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, JAX {jax.__version__} on {jax.default_backend()}"
+
+
+# ---- output -----------------------------------------------------------------
+
+
+def summary(result: dict) -> str:
+    rows = []
+    for name, m in result["models"].items():
+        f32, f64 = m["float32"], m["float64"]
+        rows.append([name, f32["max_abs"], f32["max_rel"], f64["max_abs"], f64["max_rel"],
+                     f32["sum_vs_mean_step_max_abs"], f64["sum_vs_mean_step_max_abs"],
+                     *(f"{f32['seconds'][w] * 1e3:.2f}" for w in WAYS)])
+    table = format_table(
+        ["model", "f32 abs", "f32 rel", "f64 abs", "f64 rel", "E-step f32", "E-step f64",
+         *(f"{w} ms" for w in WAYS)], rows)
+    notes = [f"{name}: {m['note']}" for name, m in result["models"].items() if m["note"]]
+    verdict = ("every pair of ways agrees within the targets "
+               f"(relative {TARGETS['float32']:g} in float32, {TARGETS['float64']:g} in float64)"
+               if result["all_within_target"] else "SOME PAIRS EXCEED THE TARGETS (see result.json)")
+    return "\n".join([
+        f"Batch gradient four ways, batch of {result['config']['batch_size']} from {result['config']['dataset']}: "
+        "largest difference over all parameter arrays and pairs of ways",
+        "(rel = max|a-b| / max|b| per array; E-step = |one SGD step, summed loss at lr/B - mean loss at lr|)",
+        table, *notes, verdict, result["explanation"], f"Times (float32): {result['timing_note']}."])
+
+
+def figures(result: dict) -> dict:
+    """The largest relative difference per model in float32 and float64, and
+    the time each way takes (float32)."""
+    fig, axes = new_figure(ncols=2, width=6.0)
+    names = list(result["models"])
+    x = np.arange(len(names))
+    ax = axes[0, 0]
+    for i, dtype in enumerate(DTYPES):
+        values = [max(result["models"][n][dtype]["max_rel"], 1e-20) for n in names]
+        ax.bar(x + (i - 0.5) * 0.38, values, 0.38, label=dtype)
+        ax.axhline(TARGETS[dtype], ls="--", lw=1, color=f"C{i}")
+    for i, u in enumerate((2.0**-24, 2.0**-53)):
+        ax.axhline(u, ls=":", lw=1, color=f"C{i}")
+    ax.set_yscale("log")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("max relative difference between ways")
+    ax.set_title("The four ways agree to rounding\n(dashed: targets; dotted: unit roundoff)", fontsize=10)
+    ax.legend()
+    ax = axes[0, 1]
+    width = 0.8 / len(WAYS)
+    for i, way in enumerate(WAYS):
+        ax.bar(x + (i - (len(WAYS) - 1) / 2) * width,
+               [result["models"][n]["float32"]["seconds"][way] * 1e3 for n in names], width, label=way)
+    ax.set_yscale("log")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("ms per batch gradient (float32)")
+    ax.set_title(f"Time per way, batch of {result['config']['batch_size']}", fontsize=10)
+    ax.legend(fontsize=8)
+    return {"equality": fig}

@@ -1,0 +1,184 @@
+"""Text D: how should the learning rate follow the batch size?
+
+A batch of B examples cuts the gradient's variance B-fold (see variance.py).
+Three rules for the learning rate, from a reference lr_0 at batch B_0:
+
+    constant  lr = lr_0
+    linear    lr = lr_0 * B / B_0       (Goyal et al. 2017, "Accurate, Large
+                                          Minibatch SGD": k times the batch, k
+                                          times the lr, so k small steps ~ one big one)
+    sqrt      lr = lr_0 * sqrt(B / B_0) (text D: keeps the variance of the update
+                                          lr * g_B, lr^2 Var(g_1) / B, constant)
+
+each with and without a linear warm-up from 0 over the first part of the run
+(Goyal et al.'s remedy for the unstable early steps of a large lr). Two
+budgets, because they answer different questions:
+
+    fixed epochs  every run sees the same number of examples: a bigger batch
+                  takes fewer steps, so a constant lr falls behind;
+    fixed steps   every run takes the same number of steps: a bigger batch
+                  sees more examples and a less noisy gradient per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from jaxbatch import data as data_lib
+from jaxbatch.errors import JaxbatchError
+from jaxbatch.experiments.report import format_table, new_figure
+from jaxbatch.models import get_model
+from jaxbatch.optim import OPTIMIZERS
+from jaxbatch.train import Diverged, TrainConfig, train_and_evaluate
+
+RULES = ("constant", "linear", "sqrt")
+BUDGETS = ("epochs", "steps")
+
+
+def scaled_lr(rule: str, base_lr: float, base_batch: int, batch_size: int) -> float:
+    k = batch_size / base_batch
+    return base_lr * {"constant": 1.0, "linear": k, "sqrt": math.sqrt(k)}[rule]
+
+
+@dataclasses.dataclass
+class Config:
+    model: str = "mlp"
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    batch_sizes: tuple = (32, 64, 128, 256, 512, 1024, 2048)
+    base_lr: float = 0.1  # lr_0 (Goyal et al.: 0.1 at batch 256) ...
+    base_batch: int = 256  # ... at batch B_0
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    epochs: int = 3  # the fixed-epochs budget
+    steps: int = 300  # the fixed-steps budget
+    warmup_fraction: float = 0.2  # warm-up over this fraction of a run's steps
+    seed: int = 0
+
+
+QUICK = dict(dataset="digits", batch_sizes=(32, 256), base_lr=0.1, base_batch=32, epochs=4, steps=40)
+
+
+def validate(config: Config) -> None:
+    get_model(config.model)
+    data_lib.get_spec(config.dataset)
+    if config.optimizer not in OPTIMIZERS:
+        raise JaxbatchError(f"unknown optimizer {config.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    if not config.batch_sizes or min(config.batch_sizes) < 1:
+        raise JaxbatchError("batch sizes must be 1 or more")
+    for field in ("base_batch", "epochs", "steps"):
+        if getattr(config, field) < 1:
+            raise JaxbatchError(f"{field.replace('_', '-')} must be 1 or more")
+    if not config.base_lr > 0:
+        raise JaxbatchError(f"base lr must be greater than 0, got {config.base_lr}")
+    if not 0 < config.warmup_fraction < 1:
+        raise JaxbatchError(f"warm-up fraction must be between 0 and 1, got {config.warmup_fraction}")
+
+
+def run_one(config: Config, train, test, batch_size: int, rule: str, warmup: bool, budget: str) -> dict:
+    """One training run; its final test accuracy, or how it diverged."""
+    steps_per_epoch = -(-len(train) // batch_size)
+    if budget == "epochs":
+        epochs, total_steps = config.epochs, config.epochs * steps_per_epoch
+    else:
+        epochs, total_steps = -(-config.steps // steps_per_epoch), config.steps
+    lr = scaled_lr(rule, config.base_lr, config.base_batch, batch_size)
+    warmup_steps = max(1, round(config.warmup_fraction * total_steps)) if warmup else 0
+    train_config = TrainConfig(
+        model=config.model, dataset=config.dataset, epochs=epochs, batch_size=batch_size,
+        optimizer=config.optimizer, lr=lr, momentum=config.momentum,
+        schedule="warmup" if warmup else "constant", warmup_steps=warmup_steps,
+        max_steps=total_steps if budget == "steps" else None, seed=config.seed)
+    record = {"batch_size": batch_size, "rule": rule, "warmup": warmup, "budget": budget, "lr": lr,
+              "warmup_steps": warmup_steps, "steps": total_steps, "examples": None,
+              "test_accuracy": None, "diverged": None}
+    try:
+        history = train_and_evaluate(train_config, train_ds=train, test_ds=test).history
+        record["test_accuracy"] = history[-1]["test_accuracy"]
+        record["examples"] = sum(h["examples_seen"] for h in history)
+    except Diverged as err:
+        record["diverged"] = {"epoch": err.epoch, "step": err.step, "loss": err.loss}
+    return record
+
+
+def run(config: Config, on_progress=None) -> dict:
+    on_progress = on_progress or (lambda text: None)
+    validate(config)
+    train = data_lib.load(config.dataset, "train", config.data_dir)
+    test = data_lib.load(config.dataset, "test", config.data_dir)
+    if max(config.batch_sizes) > len(train):
+        raise JaxbatchError(f"batch size {max(config.batch_sizes)} is larger than the {len(train)} training "
+                            f"examples of {config.dataset}; pass smaller --batch-sizes")
+    get_model(config.model).check_image_shape(train.image_shape)
+    runs, done = [], {}
+    for budget in BUDGETS:
+        for rule in RULES:
+            for warmup in (False, True):
+                for b in sorted(set(config.batch_sizes)):
+                    # Rules that give the same lr (all of them at B_0) share one run.
+                    key = (budget, warmup, b, scaled_lr(rule, config.base_lr, config.base_batch, b))
+                    if key not in done:
+                        done[key] = run_one(config, train, test, b, rule, warmup, budget)
+                        r = done[key]
+                        acc = "diverged" if r["diverged"] else f"{r['test_accuracy']:.4f}"
+                        on_progress(f"{budget} budget, {_variant(rule, warmup)}, B={b}, lr {r['lr']:.4g}: {acc}")
+                    runs.append({**done[key], "rule": rule})
+    return {"experiment": "lr-scaling", "config": dataclasses.asdict(config), "runs": runs}
+
+
+# ---- output -----------------------------------------------------------------
+
+
+def _variant(rule: str, warmup: bool) -> str:
+    return f"{rule} + warm-up" if warmup else rule
+
+
+def table_rows(result: dict, budget: str):
+    sizes = sorted(set(result["config"]["batch_sizes"]))
+    by_key = {(r["rule"], r["warmup"], r["batch_size"]): r for r in result["runs"] if r["budget"] == budget}
+    rows = []
+    for rule in RULES:
+        for warmup in (False, True):
+            cells = []
+            for b in sizes:
+                r = by_key[(rule, warmup, b)]
+                cells.append("diverged" if r["diverged"] else f"{r['test_accuracy']:.4f}")
+            rows.append([_variant(rule, warmup), *cells])
+    return ["lr rule", *(f"B={b}" for b in sizes)], rows
+
+
+def summary(result: dict) -> str:
+    c = result["config"]
+    lines = [f"Test accuracy of {c['model']} on {c['dataset']}, {c['optimizer']}, lr_0 {c['base_lr']:g} at "
+             f"B_0 = {c['base_batch']}; warm-up: linear from 0 over the first "
+             f"{c['warmup_fraction']:.0%} of each run's steps"]
+    for budget, what in (("epochs", f"after {c['epochs']} epochs"), ("steps", f"after {c['steps']} steps")):
+        headers, rows = table_rows(result, budget)
+        lines += [what, format_table(headers, rows)]
+    return "\n".join(lines)
+
+
+def figures(result: dict) -> dict:
+    c = result["config"]
+    fig, axes = new_figure(ncols=2, width=5.5)
+    for ax, (budget, what) in zip(axes[0], (("epochs", f"after {c['epochs']} epochs"),
+                                           ("steps", f"after {c['steps']} steps"))):
+        for i, rule in enumerate(RULES):
+            for warmup in (False, True):
+                runs = sorted((r for r in result["runs"] if r["budget"] == budget and r["rule"] == rule
+                               and r["warmup"] == warmup), key=lambda r: r["batch_size"])
+                sizes = [r["batch_size"] for r in runs]
+                acc = [np.nan if r["diverged"] else r["test_accuracy"] for r in runs]
+                ax.plot(sizes, acc, "--" if warmup else "-", marker="o", ms=4, color=f"C{i}",
+                        label=_variant(rule, warmup))
+                failed = [s for s, r in zip(sizes, runs) if r["diverged"]]
+                ax.plot(failed, [0.0] * len(failed), "x", color=f"C{i}", ms=8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{c['model']} on {c['dataset']}, {what} (x: diverged)", fontsize=10)
+        ax.legend(fontsize=7)
+    return {"lr_scaling": fig}

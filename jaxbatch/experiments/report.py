@@ -1,0 +1,109 @@
+"""What every experiment shares: checking and filling its output folder, and
+its printed table.
+
+An experiment writes `result.json` and its PNG plots into one folder. All of
+them are written under temporary names first and renamed into place only
+when every one is ready (`os.replace` is atomic within a folder), so a
+failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from jaxbatch.errors import JaxbatchError
+
+
+def check_out_dir(out) -> Path:
+    """Refuse an output folder that cannot be one, before any work is done."""
+    path = Path(out)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                where = "is a file" if parent == path else f"cannot be created: {parent} is a file"
+                raise JaxbatchError(f"output folder {path} {where}; pass --out a folder path")
+            if not os.access(parent, os.W_OK):
+                raise JaxbatchError(f"output folder {path} cannot be written: {parent} is read-only")
+            break
+    return path
+
+
+def jsonable(value):
+    """numpy scalars and arrays as plain Python; NaN and infinities as None
+    (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def write_results(out, result: dict, figures: dict) -> list[Path]:
+    """result.json and one PNG per figure ({name: matplotlib Figure}) in `out`.
+    Returns the paths written."""
+    out = check_out_dir(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise JaxbatchError(f"cannot create output folder {out}: {err.strerror}") from None
+    text = json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n"
+    writers = [("result.json", lambda tmp: tmp.write_text(text))]
+    writers += [(f"{name}.png", lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100))
+                for name, fig in figures.items()]
+    staged = [(out / f".{name}.tmp", out / name) for name, _ in writers]
+    try:
+        for (tmp, _), (_, write) in zip(staged, writers):
+            write(tmp)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    return [final for _, final in staged]
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """A plain-text table, columns padded to their widest cell."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if not math.isfinite(value):
+            return str(value)
+        if value == 0:
+            return "0"
+        if abs(value) < 1e-3 or abs(value) >= 1e5:
+            return f"{value:.2e}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 4.0):
+    """A matplotlib Figure and its axes, outside pyplot: no global state, no
+    display backend needed, and nothing left open after saving."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
