@@ -11,7 +11,7 @@ import pytest
 from jaxbatch.bench import report
 from jaxbatch.bench.device import device_slug
 from jaxbatch.bench.measure import compile_step, is_out_of_memory
-from jaxbatch.bench.methods import METHODS, make_loop_step, make_step
+from jaxbatch.bench.methods import METHODS, make_chunked_step, make_loop_step, make_step
 from jaxbatch.bench.run import IMAGE_SHAPES, SCHEMA, BenchConfig, rel_diff, run_benchmarks, run_epoch, validate
 from jaxbatch.cli import main
 from jaxbatch.errors import JaxbatchError
@@ -54,13 +54,15 @@ def test_xla_flops_of_mlp_step_match_the_hand_count(b):
 @pytest.mark.parametrize("name", ["mlp", "cnn", "lenet5", "fc_nobias"])
 def test_every_method_computes_the_batched_gradient(name):
     model, params = init(name)
-    xs, ys = batch(name, 5)  # 5 = two chunks of 2 and a padded one of 1
+    xs, ys = batch(name, 5)  # 5 = two chunks of 2 and a last one of 1
     reference = jax.jit(make_step("batched", model.apply))(params, xs, ys)
     for method in METHODS:
         if method == "loop":
             grad = make_loop_step(model.apply)[0](params, list(xs), list(ys))
+        elif method == "per_example_chunked":
+            grad = make_chunked_step(model.apply, chunk=2)[0](params, xs, ys)
         else:
-            grad = jax.jit(make_step(method, model.apply, chunk=2))(params, xs, ys)
+            grad = jax.jit(make_step(method, model.apply))(params, xs, ys)
         assert jax.tree.structure(grad) == jax.tree.structure(params)
         assert rel_diff(grad, reference) < 1e-5, method
 
@@ -101,11 +103,15 @@ def test_record_schema(tiny_record, tmp_path):
 
 
 def test_record_flops_for_mlp_follow_the_hand_count(tiny_record):
+    model, params = init("mlp")
     rows = {(r["batch_size"], r["method"]): r for r in tiny_record["results"] if r["model"] == "mlp"}
     for b in (3, 5):
         assert mlp_hand_flops(b) <= rows[b, "batched"]["flops"] <= 1.02 * mlp_hand_flops(b)
-        # the chunked loop's body is counted once by XLA: the harness reports the per-example count
-        assert rows[b, "per_example_chunked"]["flops"] == rows[b, "per_example"]["flops"]
+        # chunks of 2 and a last one of 1: each chunk's count, times the chunks
+        chunk_sum = make_chunked_step(model.apply, 2)[1]
+        xs, ys = batch("mlp", 2)
+        per_chunk = {c: compile_step(chunk_sum, params, xs[:c], ys[:c]).flops for c in (1, 2)}
+        assert rows[b, "per_example_chunked"]["flops"] == (b // 2) * per_chunk[2] + (b % 2) * per_chunk[1]
     assert rows[3, "loop"]["flops"] == rows[3, "per_example"]["flops"]
 
 
@@ -127,6 +133,7 @@ def test_out_of_memory_errors_are_recognised():
     ("batch_sizes", (2.5,), "batch size must be a whole number"),
     ("batch_sizes", (), "no batch size"),
     ("methods", ("magic",), "unknown method 'magic'"),
+    ("torch_threads", (0,), "torch threads must be whole numbers"),
     ("epochs", ("no-such-recipe",), "unknown recipe"),
 ])
 def test_bad_configs_fail_before_compiling(field, value, message):
@@ -170,19 +177,21 @@ def test_load_record_refuses_other_json(tmp_path):
 
 
 def _row(model, b, method, step_s, framework="jax", **extra):
-    return dict(framework=framework, model=model, batch_size=b, method=method, status="ok", step_s=step_s, **extra)
+    return dict(framework=framework, model=model, batch_size=b, method=method, status="ok", step_s=step_s,
+                step_s_min=extra.pop("step_s_min", step_s), **extra)
 
 
 def test_targets_are_read_from_the_right_rows():
     record = {"device": {"platform": "cpu", "name": "test CPU"}, "results": [
         _row("mlp", 256, "batched", 2e-3, fraction_of_peak=0.8), _row("mlp", 256, "vmap", 2.2e-3),
-        _row("mlp", 256, "per_example", 2.4e-3), _row("mlp", 8, "vmap", 9e-3), _row("mlp", 8, "batched", 1e-3),
+        _row("mlp", 256, "per_example", 2.4e-3, step_s_min=2.1e-3), _row("mlp", 8, "vmap", 9e-3), _row("mlp", 8, "batched", 1e-3),
         _row("mlp", 256, "per_example", 48e-3, "torch"), _row("mlp", 256, "batched", 1e-3, "torch")]}
     targets = {t["target"].split(",")[0]: t for t in report.check_targets(record)}
     vmap = targets["mlp: vmap-mean step / batched step"]
     assert vmap["measured"] == pytest.approx(1.1) and vmap["met"] is False  # B = 8 is not counted
     assert targets["mlp: per-example gradients / batched gradient"]["measured"] == pytest.approx(1.2)
     assert targets["mlp: per-example gradients / batched gradient"]["met"] is True
+    assert targets["mlp: per-example gradients / batched gradient"]["measured_min"] == pytest.approx(1.05)
     assert targets["mlp: per-example gradients"]["measured"] == pytest.approx(20.0)  # over torch.func
     assert targets["mlp: batched step"]["met"] is False  # torch twice as fast
     assert targets["mlp: batched step FLOP/s / measured matmul peak"]["met"] is True
@@ -229,9 +238,12 @@ def test_torch_twins_compute_the_jax_gradient(name):
 
 def test_torch_rows_sit_beside_the_jax_rows():
     pytest.importorskip("torch")
-    config = BenchConfig(models=("cnn",), batch_sizes=(2,), methods=("batched", "per_example"), torch=True, **TINY)
+    config = BenchConfig(models=("cnn",), batch_sizes=(2,), methods=("batched", "per_example"), torch=True,
+                         torch_threads=(1, 2), **TINY)
     record = run_benchmarks(config)
     rows = {(r["framework"], r["method"]): r for r in record["results"]}
+    assert set(rows["torch", "batched"]["step_s_by_threads"]) == {"1", "2"}
+    assert rows["torch", "batched"]["torch_threads"] in (1, 2)
     assert set(rows) == {(f, m) for f in ("jax", "torch") for m in ("batched", "per_example")}
     assert rows["torch", "per_example"]["max_rel_diff_vs_batched"] < 1e-4
     assert rows["torch", "batched"]["flops"] == rows["jax", "batched"]["flops"]

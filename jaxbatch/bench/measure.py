@@ -11,7 +11,8 @@ FLOPs come from XLA's cost analysis of the compiled step, so they count what
 XLA runs (matrix products and elementwise work alike), not a formula; memory
 from the compiled executable's memory analysis (arguments + outputs +
 temporaries - donated aliases). Fractions of peak are against a dense float32
-matrix product timed in the same run on the same device.
+matrix product timed in the same run on the same device, median against
+median (`flops_per_s` is the best call, `flops_per_s_median` the median).
 """
 
 from __future__ import annotations

@@ -9,14 +9,14 @@ and differs only in how the work is laid out:
     batched              grad of batched_loss: the model applied to the (B, ...) batch
     vmap                 grad of vmap_loss: the one-example loss under jax.vmap, then the mean
     per_example          jax.vmap(jax.grad(example_loss)): B gradients, then their mean
-    per_example_chunked  the same B gradients, `chunk` examples at a time in a lax.scan
-                         (jax.lax.map's batch_size idea, with the sum carried), so only
-                         `chunk` of them are in memory at once
+    per_example_chunked  the same B gradients, `chunk` examples at a time, summed as they
+                         come, so only `chunk` of them are in memory at once
     loop                 a Python loop of jitted one-example gradients, summed: option (1)
                          of text A taken literally; small batches only
 
-`make_step(method, apply_fn, chunk)` gives a function of (params, xs, ys)
-(for "loop", a Python function that calls jitted pieces).
+`make_step(method, apply_fn)` gives the jit-able function of (params, xs, ys)
+of the first three; `make_chunked_step` and `make_loop_step` give Python
+functions that call jitted pieces.
 """
 
 from __future__ import annotations
@@ -47,28 +47,30 @@ def example_grad(apply_fn, params, x, y):
     return jax.grad(lambda p: losses.example_loss(apply_fn, p, x, y))(params)
 
 
-def per_example_chunked_grad(apply_fn, params, xs, ys, chunk: int):
-    """The B per-example gradients `chunk` at a time, summed as they come:
-    a lax.scan over ceil(B / chunk) chunks, each a vmap(grad) of `chunk`
-    examples, so memory holds `chunk` gradients and one running sum, never B
-    of them. The last chunk is padded with weight-0 examples. Sum / B is the
-    batch gradient."""
-    b = xs.shape[0]
-    chunk = min(chunk, b)
-    n = -(-b // chunk)
-    pad = n * chunk - b
-    weights = jnp.concatenate([jnp.ones(b, jnp.float32), jnp.zeros(pad, jnp.float32)]).reshape(n, chunk)
-    xs = jnp.pad(xs, [(0, pad)] + [(0, 0)] * (xs.ndim - 1)).reshape(n, chunk, *xs.shape[1:])
-    ys = jnp.pad(ys, [(0, pad)] + [(0, 0)] * (ys.ndim - 1)).reshape(n, chunk, *ys.shape[1:])
+def make_chunked_step(apply_fn, chunk: int):
+    """Per-example gradients `chunk` examples at a time, summed as they come,
+    so memory holds `chunk` gradients and one running sum, never B of them:
+    gradient accumulation over per-example gradients. Returns (step,
+    chunk_sum); chunk_sum(params, xs, ys) = sum_i g_i over one chunk (jitted).
 
-    def add_chunk(total, chunk_xyw):
-        x, y, w = chunk_xyw
-        grads = jax.vmap(example_grad, in_axes=(None, None, 0, 0))(apply_fn, params, x, y)
-        return jax.tree.map(lambda t, g: t + jnp.tensordot(w, g, axes=1), total, grads), None
+    The chunks are dispatched from Python, not looped inside XLA with
+    jax.lax.map(..., batch_size=chunk) / lax.scan: on XLA's CPU backend (jax
+    0.10) the convolutions and matrix products inside a while loop's body miss
+    the YNNPACK kernels: the cnn's chunked per-example gradients ran 13-24x
+    slower than the same code unrolled (docs/bench.md)."""
+    chunk_sum = jax.jit(lambda p, xs, ys: jax.tree.map(
+        lambda g: jnp.sum(g, axis=0), losses.per_example_grads(apply_fn, p, xs, ys)))
+    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+    scale = jax.jit(lambda a, s: jax.tree.map(lambda t: t * s, a))
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    total, _ = jax.lax.scan(add_chunk, zeros, (xs, ys, weights))
-    return jax.tree.map(lambda t: t / b, total)
+    def step(params, xs, ys):
+        b = xs.shape[0]
+        total = chunk_sum(params, xs[:chunk], ys[:chunk])
+        for start in range(chunk, b, chunk):
+            total = add(total, chunk_sum(params, xs[start:start + chunk], ys[start:start + chunk]))
+        return scale(total, 1.0 / b)
+
+    return step, chunk_sum
 
 
 def make_loop_step(apply_fn):
@@ -88,14 +90,13 @@ def make_loop_step(apply_fn):
     return step, one_grad
 
 
-def make_step(method: str, apply_fn, chunk: int = 32):
-    """The jit-able (params, xs, ys) -> mean gradient of `method` (not "loop")."""
+def make_step(method: str, apply_fn):
+    """The jit-able (params, xs, ys) -> mean gradient of batched, vmap or per_example."""
     steps = {
         "batched": lambda p, xs, ys: batched_grad(apply_fn, p, xs, ys),
         "vmap": lambda p, xs, ys: vmap_grad(apply_fn, p, xs, ys),
         "per_example": lambda p, xs, ys: per_example_grad(apply_fn, p, xs, ys),
-        "per_example_chunked": lambda p, xs, ys: per_example_chunked_grad(apply_fn, p, xs, ys, chunk),
     }
     if method not in steps:
-        raise JaxbatchError(f"unknown method {method!r}; choose from: {', '.join(METHODS)}")
+        raise JaxbatchError(f"no single jit-able step for method {method!r}; choose from: {', '.join(steps)}")
     return steps[method]

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxbatch.bench import device as device_lib
 from jaxbatch.bench.measure import block, compile_step, is_out_of_memory, jax_matmul_peak, matmul_size, time_calls
-from jaxbatch.bench.methods import METHODS, example_grad, make_loop_step, make_step
+from jaxbatch.bench.methods import METHODS, example_grad, make_chunked_step, make_loop_step, make_step
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.models import get_model
 
@@ -44,6 +44,9 @@ class BenchConfig:
     chunk: int = 32  # examples per chunk of per_example_chunked
     loop_max_batch: int = 32  # the Python loop runs only up to this batch size
     torch: bool = False  # also time the PyTorch twins
+    # PyTorch intra-op thread counts to try per case, keeping the fastest; () = PyTorch's default.
+    # On a busy machine 2 OpenMP threads can be 30x slower than 1; trying both is fair to PyTorch.
+    torch_threads: tuple = ()
     epochs: tuple = EPOCH_RECIPES  # recipes whose training epoch is timed; () for none
     data_dir: str | None = None
     warmup: int = 2
@@ -78,6 +81,8 @@ def validate(config: BenchConfig) -> None:
     for m in config.methods:
         if m not in METHODS:
             raise JaxbatchError(f"unknown method {m!r}; choose from: {', '.join(METHODS)}")
+    if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in config.torch_threads):
+        raise JaxbatchError(f"torch threads must be whole numbers of 1 or more, got {config.torch_threads}")
     if config.chunk < 1 or config.loop_max_batch < 0:
         raise JaxbatchError("chunk must be 1 or more and loop-max-batch 0 or more")
     if not 0 < config.memory_fraction <= 1:
@@ -153,8 +158,8 @@ class _Case:
         return self.reference
 
     def per_example_flops(self):
-        """FLOPs of vmap(grad) over the batch: the arithmetic the chunked
-        version and the loop also do (XLA counts a loop's body only once)."""
+        """FLOPs of vmap(grad) over the batch: the arithmetic the loop (and
+        torch.func) also does."""
         if self._per_example_flops is None:
             step = make_step("per_example", self.apply)
             self._per_example_flops = compile_step(step, self.params, *self.batches[0]).flops
@@ -172,22 +177,39 @@ class _Case:
             if b > self.config.loop_max_batch:
                 return _skipped("jax", self.name, b, method, f"the Python loop runs up to batch {self.config.loop_max_batch}")
             return self._run_loop()
-        step = make_step(method, self.apply, self.config.chunk)
+        if method == "per_example_chunked":
+            return self._run_chunked()
+        step = make_step(method, self.apply)
         compiled = compile_step(step, self.params, *self.batches[0])
         reason = self.too_big(compiled.peak_memory_bytes)
         if reason:
             return _skipped("jax", self.name, b, method, reason)
         inputs = [(self.params, xs, ys) for xs, ys in self.batches]
         timing = time_calls(compiled.executable, inputs, block, **self.timing())
-        flops, source = compiled.flops, "xla"
-        if method == "per_example_chunked":
-            flops, source = self.per_example_flops(), "xla, per_example"
         grad = compiled.executable(*inputs[0])
-        row = _row("jax", self.name, b, method, compile_s=compiled.compile_s, flops_source=source,
+        row = _row("jax", self.name, b, method, compile_s=compiled.compile_s, flops_source="xla",
                    peak_memory_bytes=compiled.peak_memory_bytes,
                    max_rel_diff_vs_batched=rel_diff(grad, self.reference_grad()))
-        if method == "per_example_chunked":
-            row["chunk"] = min(self.config.chunk, b)
+        return _with_speed(row, timing, compiled.flops, self.peak_flops)
+
+    def _run_chunked(self) -> dict:
+        b, chunk = self.batch_size, min(self.config.chunk, self.batch_size)
+        step, chunk_sum = make_chunked_step(self.apply, chunk)
+        xs, ys = self.batches[0]
+        parts = [(b // chunk, compile_step(chunk_sum, self.params, xs[:chunk], ys[:chunk]))]
+        if b % chunk:
+            parts.append((1, compile_step(chunk_sum, self.params, xs[:b % chunk], ys[:b % chunk])))
+        peak_memory = max(c.peak_memory_bytes or 0 for _, c in parts) or None
+        reason = self.too_big(peak_memory)
+        if reason:
+            return _skipped("jax", self.name, b, "per_example_chunked", reason)
+        flops = None if any(c.flops is None for _, c in parts) else sum(n * c.flops for n, c in parts)
+        inputs = [(self.params, xs, ys) for xs, ys in self.batches]
+        timing = time_calls(step, inputs, block, **self.timing())
+        row = _row("jax", self.name, b, "per_example_chunked", chunk=chunk,
+                   compile_s=sum(c.compile_s for _, c in parts), flops_source="xla, per chunk x chunks",
+                   peak_memory_bytes=peak_memory,
+                   max_rel_diff_vs_batched=rel_diff(step(*inputs[0]), self.reference_grad()))
         return _with_speed(row, timing, flops, self.peak_flops)
 
     def _run_loop(self) -> dict:
@@ -220,16 +242,27 @@ class _Case:
         inputs = [tt.to_torch_batch(xs, ys, dev) for xs, ys in self.batches]
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        timing = time_calls(step, inputs, tt.torch_sync(dev), **self.timing())
+        default_threads = torch.get_num_threads()
+        by_threads = {}
+        try:
+            for n in self.config.torch_threads or (default_threads,):
+                torch.set_num_threads(n)
+                by_threads[n] = time_calls(step, inputs, tt.torch_sync(dev), **self.timing())
+        finally:
+            torch.set_num_threads(default_threads)
+        threads, timing = min(by_threads.items(), key=lambda item: item[1].median_s)
         grads = tt.grads_to_jax_layout(self.name, model, step(*inputs[0]), shape)
         reference = tt._flax_layers(self.name, self.reference_grad())
         twin = jax_rows.get(method)
         row = _row("torch", self.name, b, method, compile_s=None, flops_source="xla, same method in jax",
+                   torch_threads=threads, step_s_by_threads={str(n): t.median_s for n, t in by_threads.items()},
                    peak_memory_bytes=int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
                    max_rel_diff_vs_batched=rel_diff(grads, reference))
         flops = twin.get("flops") if twin else None
         if flops is None and method == "per_example":
             flops = self.per_example_flops()
+        if flops is None and method == "batched":
+            flops = compile_step(make_step("batched", self.apply), self.params, *self.batches[0]).flops
         return _with_speed(row, timing, flops, self.peak_flops)
 
 
@@ -292,7 +325,8 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[dict], None] | No
                                              tt.torch_device(device["platform"]), **timing)
     record["matmul_peak"] = peak
     notify({"kind": "peak", **peak})
-    peak_flops = peak["jax"]["flops_per_s"]
+    # Like-for-like: a step's median time against the matmul's median time.
+    peak_flops = peak["jax"]["flops_per_s_median"]
     memory_limit = (device["memory_bytes"] * config.memory_fraction) if device["memory_bytes"] else None
 
     rows = []

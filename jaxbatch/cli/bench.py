@@ -15,14 +15,22 @@ def comma_list(text: str) -> tuple[str, ...]:
     return items
 
 
-def batch_sizes(text: str) -> tuple[int, ...]:
-    sizes = []
-    for item in comma_list(text):
-        try:
-            sizes.append(positive_int(item))
-        except argparse.ArgumentTypeError as err:
-            raise argparse.ArgumentTypeError(f"impossible batch size {item!r}: {err}")
-    return tuple(sizes)
+def batch_sizes_like(what: str):
+    """A parser of comma-separated whole numbers >= 1, naming `what` in errors."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        values = []
+        for item in comma_list(text):
+            try:
+                values.append(positive_int(item))
+            except argparse.ArgumentTypeError as err:
+                raise argparse.ArgumentTypeError(f"impossible {what} {item!r}: {err}")
+        return tuple(values)
+
+    return parse
+
+
+batch_sizes = batch_sizes_like("batch size")
 
 
 def add_parser(sub) -> None:
@@ -42,6 +50,9 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", type=comma_list, default=METHODS, help=f"comma-separated from {','.join(METHODS)}")
     p.add_argument("--quick", action="store_true", help="batch sizes 32,256, fewer repeats, no epochs: a few minutes")
     p.add_argument("--torch", action="store_true", help="also time the PyTorch twins (needs torch installed)")
+    p.add_argument("--torch-threads", type=batch_sizes_like("thread count"), default=(),
+                   help="PyTorch thread counts to try per case, keeping the fastest, e.g. 1,2 "
+                   "(default: PyTorch's own)")
     p.add_argument("--epochs", type=comma_list, default=None,
                    help=f"training recipes to time one epoch of, or 'none' (default {','.join(EPOCH_RECIPES)}; "
                    "--quick: none); needs the datasets")
@@ -60,7 +71,8 @@ def add_parser(sub) -> None:
 def build_config(args):
     from jaxbatch.bench.run import BenchConfig, quick_config
 
-    fields = dict(models=args.models, methods=args.methods, torch=args.torch, data_dir=args.data_dir,
+    fields = dict(models=args.models, methods=args.methods, torch=args.torch, torch_threads=args.torch_threads,
+                  data_dir=args.data_dir,
                   chunk=args.chunk, loop_max_batch=args.loop_max_batch)
     if args.batch_sizes is not None:
         fields["batch_sizes"] = args.batch_sizes
@@ -92,7 +104,7 @@ def describe(event: dict) -> str:
 
 def run(args) -> int:
     from jaxbatch.bench import device as device_lib
-    from jaxbatch.bench.report import check_targets, write_results
+    from jaxbatch.bench.report import format_targets, write_results
     from jaxbatch.bench.run import run_benchmarks, validate
 
     config = build_config(args)
@@ -101,10 +113,7 @@ def run(args) -> int:
     record = run_benchmarks(config, on_progress=progress)
     name = args.name or device_lib.device_slug(record["device"])
     paths = write_results(record, args.out, name, plots=not args.no_plots)
-    for t in check_targets(record):
-        met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
-        measured = "-" if t["measured"] is None else f"{t['measured']:.3g}"
-        print(f"{met:>12}  {measured:>8} (limit {t['limit']})  {t['target']}")
+    print("\n".join(format_targets(record)))
     for path in paths:
         print(f"wrote {path}")
     return 0
