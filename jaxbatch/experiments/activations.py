@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -73,15 +72,17 @@ def collapse(w_h, b_h, w_o, b_o):
     return w_h @ w_o, b_h @ w_o + b_o
 
 
-@partial(jax.jit, static_argnames=("hidden", "outputs"))
-def _two_vs_one(x, key, hidden: int, outputs: int):
-    # W ~ N(0, 0.01^2) as text E; biases random too, so b_h W_o is not trivially 0.
-    d, dtype = x.shape[1], x.dtype
+def random_layers(key, inputs: int, hidden: int, outputs: int) -> dict:
+    """W ~ N(0, 0.01^2) as text E; the biases random too, so b_h W_o is not trivially 0."""
     k1, k2, k3, k4 = jax.random.split(key, 4)
-    w_h = 0.01 * jax.random.normal(k1, (d, hidden), dtype)
-    b_h = 0.01 * jax.random.normal(k2, (hidden,), dtype)
-    w_o = 0.01 * jax.random.normal(k3, (hidden, outputs), dtype)
-    b_o = 0.01 * jax.random.normal(k4, (outputs,), dtype)
+    return {name: np.asarray(0.01 * jax.random.normal(k, shape)) for name, k, shape in [
+        ("w_h", k1, (inputs, hidden)), ("b_h", k2, (hidden,)),
+        ("w_o", k3, (hidden, outputs)), ("b_o", k4, (outputs,))]}
+
+
+@jax.jit
+def _two_vs_one(x, layers):
+    w_h, b_h, w_o, b_o = (layers[k] for k in ("w_h", "b_h", "w_o", "b_o"))
     w, b = collapse(w_h, b_h, w_o, b_o)
     two = (x @ w_h + b_h) @ w_o + b_o
     one = x @ w + b
@@ -89,11 +90,14 @@ def _two_vs_one(x, key, hidden: int, outputs: int):
     return jnp.max(jnp.abs(two - one)), jnp.max(jnp.abs(with_relu - one)), jnp.max(jnp.abs(two))
 
 
-def stacked_vs_single(x, key, hidden: int, outputs: int, dtype: str) -> dict:
+def stacked_vs_single(x, layers: dict, dtype: str) -> dict:
     """max|two layers - one layer| on the batch x, without and with a ReLU
-    between; relative to max|two layers' output|."""
+    between; relative to max|two layers' output|. The same layers (drawn in
+    float32) in either dtype."""
     with enable_x64() if dtype == "float64" else contextlib.nullcontext():
-        diff, relu_diff, scale = map(float, _two_vs_one(np.asarray(x, dtype), key, hidden, outputs))
+        cast = {k: np.asarray(v, dtype) for k, v in layers.items()}
+        diff, relu_diff, scale = map(float, _two_vs_one(np.asarray(x, dtype), cast))
+    outputs = layers["w_o"].shape[1]
     return {"max_abs": diff, "max_rel": diff / scale,
             "with_relu_max_abs": relu_diff, "with_relu_max_rel": relu_diff / scale,
             "W_shape": [x.shape[1], outputs], "b_shape": [outputs]}
@@ -111,9 +115,8 @@ def run(config: Config, on_progress=None) -> dict:
     curves = derivatives(grid)
     on_progress("two linear layers against one")
     x = train.images[: config.batch_size].reshape(config.batch_size, -1) / 255.0
-    key = jax.random.key(config.seed)
-    linear = {dtype: stacked_vs_single(x, key, config.hidden, config.outputs, dtype)
-              for dtype in ("float32", "float64")}
+    layers = random_layers(jax.random.key(config.seed), x.shape[1], config.hidden, config.outputs)
+    linear = {dtype: stacked_vs_single(x, layers, dtype) for dtype in ("float32", "float64")}
     return {
         "experiment": "activations",
         "config": dataclasses.asdict(config),

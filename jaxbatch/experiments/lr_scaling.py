@@ -56,10 +56,11 @@ class Config:
     epochs: int = 3  # the fixed-epochs budget
     steps: int = 300  # the fixed-steps budget
     warmup_fraction: float = 0.2  # warm-up over this fraction of a run's steps
+    seeds: int = 3  # each setting is trained with seeds seed, seed+1, ...; the table shows the mean
     seed: int = 0
 
 
-QUICK = dict(dataset="digits", batch_sizes=(32, 256), base_lr=0.1, base_batch=32, epochs=4, steps=40)
+QUICK = dict(dataset="digits", batch_sizes=(32, 256), base_lr=0.1, base_batch=32, epochs=4, steps=40, seeds=1)
 
 
 def validate(config: Config) -> None:
@@ -69,7 +70,7 @@ def validate(config: Config) -> None:
         raise JaxbatchError(f"unknown optimizer {config.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
     if not config.batch_sizes or min(config.batch_sizes) < 1:
         raise JaxbatchError("batch sizes must be 1 or more")
-    for field in ("base_batch", "epochs", "steps"):
+    for field in ("base_batch", "epochs", "steps", "seeds"):
         if getattr(config, field) < 1:
             raise JaxbatchError(f"{field.replace('_', '-')} must be 1 or more")
     if not config.base_lr > 0:
@@ -79,7 +80,8 @@ def validate(config: Config) -> None:
 
 
 def run_one(config: Config, train, test, batch_size: int, rule: str, warmup: bool, budget: str) -> dict:
-    """One training run; its final test accuracy, or how it diverged."""
+    """One setting trained once per seed: the mean final test accuracy over
+    the seeds that did not diverge, and how many did."""
     steps_per_epoch = -(-len(train) // batch_size)
     if budget == "epochs":
         epochs, total_steps = config.epochs, config.epochs * steps_per_epoch
@@ -87,21 +89,35 @@ def run_one(config: Config, train, test, batch_size: int, rule: str, warmup: boo
         epochs, total_steps = -(-config.steps // steps_per_epoch), config.steps
     lr = scaled_lr(rule, config.base_lr, config.base_batch, batch_size)
     warmup_steps = max(1, round(config.warmup_fraction * total_steps)) if warmup else 0
-    train_config = TrainConfig(
-        model=config.model, dataset=config.dataset, epochs=epochs, batch_size=batch_size,
-        optimizer=config.optimizer, lr=lr, momentum=config.momentum,
-        schedule="warmup" if warmup else "constant", warmup_steps=warmup_steps,
-        max_steps=total_steps if budget == "steps" else None, seed=config.seed)
     record = {"batch_size": batch_size, "rule": rule, "warmup": warmup, "budget": budget, "lr": lr,
               "warmup_steps": warmup_steps, "steps": total_steps, "examples": None,
-              "test_accuracy": None, "diverged": None}
-    try:
-        history = train_and_evaluate(train_config, train_ds=train, test_ds=test).history
-        record["test_accuracy"] = history[-1]["test_accuracy"]
-        record["examples"] = sum(h["examples_seen"] for h in history)
-    except Diverged as err:
-        record["diverged"] = {"epoch": err.epoch, "step": err.step, "loss": err.loss}
+              "test_accuracies": [], "divergences": []}
+    for seed in range(config.seed, config.seed + config.seeds):
+        train_config = TrainConfig(
+            model=config.model, dataset=config.dataset, epochs=epochs, batch_size=batch_size,
+            optimizer=config.optimizer, lr=lr, momentum=config.momentum,
+            schedule="warmup" if warmup else "constant", warmup_steps=warmup_steps,
+            max_steps=total_steps if budget == "steps" else None, seed=seed)
+        try:
+            history = train_and_evaluate(train_config, train_ds=train, test_ds=test).history
+            record["test_accuracies"].append(history[-1]["test_accuracy"])
+            record["examples"] = sum(h["examples_seen"] for h in history)
+        except Diverged as err:
+            record["test_accuracies"].append(None)
+            record["divergences"].append({"seed": seed, "epoch": err.epoch, "step": err.step, "loss": err.loss})
+    finite = [a for a in record["test_accuracies"] if a is not None]
+    record["test_accuracy"] = float(np.mean(finite)) if finite else None
+    record["test_accuracy_spread"] = float(np.ptp(finite)) if finite else None  # max - min over seeds
+    record["diverged"] = len(record["divergences"])
     return record
+
+
+def _accuracy(r: dict) -> str:
+    """'0.8123', '0.8123 (1/3 diverged)' or 'diverged'."""
+    if r["test_accuracy"] is None:
+        return "diverged"
+    seeds = len(r["test_accuracies"])
+    return f"{r['test_accuracy']:.4f}" + (f" ({r['diverged']}/{seeds} diverged)" if r["diverged"] else "")
 
 
 def run(config: Config, on_progress=None) -> dict:
@@ -123,8 +139,8 @@ def run(config: Config, on_progress=None) -> dict:
                     if key not in done:
                         done[key] = run_one(config, train, test, b, rule, warmup, budget)
                         r = done[key]
-                        acc = "diverged" if r["diverged"] else f"{r['test_accuracy']:.4f}"
-                        on_progress(f"{budget} budget, {_variant(rule, warmup)}, B={b}, lr {r['lr']:.4g}: {acc}")
+                        on_progress(f"{budget} budget, {_variant(rule, warmup)}, B={b}, lr {r['lr']:.4g}: "
+                                    f"{_accuracy(r)}")
                     runs.append({**done[key], "rule": rule})
     return {"experiment": "lr-scaling", "config": dataclasses.asdict(config), "runs": runs}
 
@@ -145,16 +161,16 @@ def table_rows(result: dict, budget: str):
             cells = []
             for b in sizes:
                 r = by_key[(rule, warmup, b)]
-                cells.append("diverged" if r["diverged"] else f"{r['test_accuracy']:.4f}")
+                cells.append(_accuracy(r))
             rows.append([_variant(rule, warmup), *cells])
     return ["lr rule", *(f"B={b}" for b in sizes)], rows
 
 
 def summary(result: dict) -> str:
     c = result["config"]
-    lines = [f"Test accuracy of {c['model']} on {c['dataset']}, {c['optimizer']}, lr_0 {c['base_lr']:g} at "
-             f"B_0 = {c['base_batch']}; warm-up: linear from 0 over the first "
-             f"{c['warmup_fraction']:.0%} of each run's steps"]
+    lines = [f"Test accuracy of {c['model']} on {c['dataset']} (mean over {c['seeds']} seed(s)), "
+             f"{c['optimizer']}, lr_0 {c['base_lr']:g} at B_0 = {c['base_batch']}; warm-up: linear from 0 "
+             f"over the first {c['warmup_fraction']:.0%} of each run's steps"]
     for budget, what in (("epochs", f"after {c['epochs']} epochs"), ("steps", f"after {c['steps']} steps")):
         headers, rows = table_rows(result, budget)
         lines += [what, format_table(headers, rows)]
@@ -171,14 +187,14 @@ def figures(result: dict) -> dict:
                 runs = sorted((r for r in result["runs"] if r["budget"] == budget and r["rule"] == rule
                                and r["warmup"] == warmup), key=lambda r: r["batch_size"])
                 sizes = [r["batch_size"] for r in runs]
-                acc = [np.nan if r["diverged"] else r["test_accuracy"] for r in runs]
+                acc = [np.nan if r["test_accuracy"] is None else r["test_accuracy"] for r in runs]
                 ax.plot(sizes, acc, "--" if warmup else "-", marker="o", ms=4, color=f"C{i}",
                         label=_variant(rule, warmup))
-                failed = [s for s, r in zip(sizes, runs) if r["diverged"]]
+                failed = [s for s, r in zip(sizes, runs) if r["test_accuracy"] is None]
                 ax.plot(failed, [0.0] * len(failed), "x", color=f"C{i}", ms=8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size B")
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"{c['model']} on {c['dataset']}, {what} (x: diverged)", fontsize=10)
+        ax.set_title(f"{c['model']} on {c['dataset']}, {what} (x: every seed diverged)", fontsize=10)
         ax.legend(fontsize=7)
     return {"lr_scaling": fig}

@@ -232,10 +232,12 @@ def run_dataset(name: str, config: Config, on_progress) -> dict:
 
 def interpret(name: str, n: int, result: dict) -> str:
     """What B_noise suggests, in words, from the measured numbers."""
-    b0, b1 = result["init"]["b_noise"], result["after_training"]["b_noise"]
-    trend = ("B_noise grew during training: the gradient's signal ||g||^2 shrinks faster than its noise, "
-             "so the useful batch size grows as training goes on" if b1 > b0 else
-             "B_noise fell during training: here the gradient's signal grew relative to its noise")
+    init, trained = result["init"], result["after_training"]
+    b0, b1 = init["b_noise"], trained["b_noise"]
+    trend = (f"B_noise {'grew' if b1 > b0 else 'fell'} during training: tr(Sigma) went from "
+             f"{init['trace_sigma']:.3g} to {trained['trace_sigma']:.3g} and ||g||^2 from "
+             f"{init['grad_norm_sq']:.3g} to {trained['grad_norm_sq']:.3g}. It is a snapshot of the "
+             "parameters where it is measured; measure it again later in training before settling on a batch size")
     return (
         f"{name} ({n} training examples): B_noise = tr(Sigma)/||g||^2 = {b0:.3g} at initialisation and "
         f"{b1:.3g} after training. In McCandlish et al.'s model a step with batch B makes "

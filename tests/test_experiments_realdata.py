@@ -1,0 +1,39 @@
+"""The experiments' targets on the real datasets (skipped unless JAXBATCH_DATA_DIR is set).
+Smaller than the full runs whose results are in results/, the same code."""
+
+import pytest
+
+from jaxbatch.experiments import make_config
+from jaxbatch.experiments import equality, input_scale, variance
+
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+
+
+def test_equality_on_mnist_every_model(real_data_dir):
+    result = equality.run(make_config("equality", data_dir=str(real_data_dir), repeats=1))
+    assert result["config"]["dataset"] == "mnist"
+    assert set(result["models"]) == {"mlp", "mlp_scratch", "cnn", "lenet5", "fc_nobias"}
+    for name, m in result["models"].items():
+        assert m["float64"]["max_rel"] <= 1e-12, name
+        assert m["float32"]["max_rel"] <= 1e-5, name
+        assert m["note"] is None  # 28x28: every model takes MNIST as it is
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_variance_slope_on_real_data(real_data_dir, dataset):
+    config = make_config("variance", datasets=(dataset,), data_dir=str(real_data_dir),
+                         batch_sizes=(1, 4, 16, 64, 256, 1024), samples=2048, min_repeats=16,
+                         trace_examples=2000)
+    d = variance.run(config)["datasets"][dataset]
+    for point in variance.POINTS:
+        assert -1.1 <= d[point]["with_replacement"]["slope"] <= -0.9, point
+        assert d[point]["b_noise"] > 1
+
+
+def test_input_scale_x255_diverges_on_cifar10(real_data_dir):
+    result = input_scale.run(make_config("input-scale", data_dir=str(real_data_dir), epochs=1, grad_steps=10))
+    rows = result["rows"]
+    assert rows["ii"]["diverged"] is not None and rows["ii"]["diverged"]["epoch"] == 1
+    assert rows["i"]["diverged"] is None and rows["i"]["final_test_accuracy"] > 0.3
+    hidden = next(iter(rows["i"]["first_steps"]["grad_norm"]))
+    assert rows["ii"]["first_steps"]["grad_norm"][hidden][0] > 100 * rows["i"]["first_steps"]["grad_norm"][hidden][0]
