@@ -82,3 +82,19 @@ def test_pytorch_default_init_bounds():
 def test_unknown_model_is_one_clear_error():
     with pytest.raises(JaxbatchError, match="unknown model 'resnet'.*mlp"):
         get_model("resnet")
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 3), (4, 7, 9, 2), (2, 3, 6, 6, 1)])
+def test_max_pool_matches_flax_values_and_gradients_ties_included(shape):
+    import flax.linen as nn
+
+    from jaxbatch.models.conv import max_pool
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    x = jnp.where(x < 0.3, 0.0, x)  # many zeros: windows whose maximum is tied, as after a ReLU
+    flax_pool = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))  # noqa: E731
+    np.testing.assert_array_equal(max_pool(x), flax_pool(x))
+    cotangent = jax.random.normal(jax.random.key(1), max_pool(x).shape)
+    ours = jax.vjp(max_pool, x)[1](cotangent)[0]
+    theirs = jax.vjp(flax_pool, x)[1](cotangent)[0]
+    np.testing.assert_array_equal(ours, theirs)
