@@ -1,5 +1,5 @@
-"""What every experiment shares: checking and filling its output folder, and
-its printed table.
+"""What every experiment shares: checking its input and its output folder,
+filling the folder, and its printed table.
 
 An experiment writes `result.json` and its PNG plots into one folder. All of
 them are written under temporary names first and renamed into place only
@@ -31,6 +31,13 @@ def check_out_dir(out) -> Path:
                 raise JaxbatchError(f"output folder {path} cannot be written: {parent} is read-only")
             break
     return path
+
+
+def check_batch_size(batch_size: int, dataset, flag: str = "--batch-size") -> None:
+    """Refuse a batch larger than the training split it is drawn from."""
+    if batch_size > len(dataset):
+        raise JaxbatchError(f"batch size {batch_size} is larger than the {len(dataset)} training examples "
+                            f"of {dataset.name}; pass a smaller {flag}")
 
 
 def jsonable(value):
