@@ -82,6 +82,7 @@ def test_record_schema(tiny_record, tmp_path):
         assert key in record["device"]
     assert record["software"]["jax"] == jax.__version__ and record["software"]["jaxlib"]
     assert record["matmul_peak"]["jax"]["flops_per_s"] > 0
+    assert len(record["matmul_peak"]["jax_runs"]) == 3  # before the first model and after each
     assert record["epochs"] == []
     rows = record["results"]
     assert {(r["model"], r["batch_size"], r["method"]) for r in rows if r["framework"] == "jax"} == {

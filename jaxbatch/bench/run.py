@@ -127,12 +127,11 @@ def _skipped(framework, model, batch_size, method, reason) -> dict:
     return _row(framework, model, batch_size, method, status="skipped", reason=reason)
 
 
-def _with_speed(row: dict, timing, flops, peak_flops) -> dict:
+def _with_speed(row: dict, timing, flops) -> dict:
     row.update(step_s=timing.median_s, step_s_min=timing.min_s, repeats=timing.repeats,
                examples_per_s=row["batch_size"] / timing.median_s)
     if flops is not None:
-        row.update(flops=flops, flops_per_s=flops / timing.median_s,
-                   fraction_of_peak=flops / timing.median_s / peak_flops if peak_flops else None)
+        row.update(flops=flops, flops_per_s=flops / timing.median_s)
     return row
 
 
@@ -140,10 +139,10 @@ class _Case:
     """What the cases of one (model, batch size) share: params, inputs, the
     batched gradient every method is checked against, per-example FLOPs."""
 
-    def __init__(self, name, params, batches, config, memory_limit, peak_flops):
+    def __init__(self, name, params, batches, config, memory_limit):
         self.name, self.params, self.batches, self.config = name, params, batches, config
         self.batch_size = int(batches[0][0].shape[0])
-        self.memory_limit, self.peak_flops = memory_limit, peak_flops
+        self.memory_limit = memory_limit
         self.apply = get_model(name).apply
         self.reference = None  # batched gradient on batches[0]
         self._per_example_flops = None
@@ -190,7 +189,7 @@ class _Case:
         row = _row("jax", self.name, b, method, compile_s=compiled.compile_s, flops_source="xla",
                    peak_memory_bytes=compiled.peak_memory_bytes,
                    max_rel_diff_vs_batched=rel_diff(grad, self.reference_grad()))
-        return _with_speed(row, timing, compiled.flops, self.peak_flops)
+        return _with_speed(row, timing, compiled.flops)
 
     def _run_chunked(self) -> dict:
         b, chunk = self.batch_size, min(self.config.chunk, self.batch_size)
@@ -210,7 +209,7 @@ class _Case:
                    compile_s=sum(c.compile_s for _, c in parts), flops_source="xla, per chunk x chunks",
                    peak_memory_bytes=peak_memory,
                    max_rel_diff_vs_batched=rel_diff(step(*inputs[0]), self.reference_grad()))
-        return _with_speed(row, timing, flops, self.peak_flops)
+        return _with_speed(row, timing, flops)
 
     def _run_loop(self) -> dict:
         b = self.batch_size
@@ -223,7 +222,7 @@ class _Case:
         row = _row("jax", self.name, b, "loop", compile_s=one.compile_s, flops_source="xla, per_example",
                    peak_memory_bytes=one.peak_memory_bytes,
                    max_rel_diff_vs_batched=rel_diff(grad, self.reference_grad()))
-        return _with_speed(row, timing, self.per_example_flops(), self.peak_flops)
+        return _with_speed(row, timing, self.per_example_flops())
 
     def run_torch(self, method: str, jax_rows: dict) -> dict:
         from jaxbatch.bench import torch_twins as tt
@@ -263,7 +262,7 @@ class _Case:
             flops = self.per_example_flops()
         if flops is None and method == "batched":
             flops = compile_step(make_step("batched", self.apply), self.params, *self.batches[0]).flops
-        return _with_speed(row, timing, flops, self.peak_flops)
+        return _with_speed(row, timing, flops)
 
 
 def _guarded(run: Callable[[], dict], framework, model, batch_size, method) -> dict:
@@ -317,16 +316,12 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[dict], None] | No
     }
     timing = dict(warmup=config.warmup, min_repeats=config.min_repeats, max_repeats=config.max_repeats,
                   min_time_s=config.min_time_s)
-    peak = {"jax": jax_matmul_peak(matmul_size(device["platform"]), **timing)}
-    if config.torch:
-        from jaxbatch.bench import torch_twins as tt
-
-        peak["torch"] = tt.torch_matmul_peak(matmul_size(device["platform"]),
-                                             tt.torch_device(device["platform"]), **timing)
-    record["matmul_peak"] = peak
-    notify({"kind": "peak", **peak})
-    # Like-for-like: a step's median time against the matmul's median time.
-    peak_flops = peak["jax"]["flops_per_s_median"]
+    # The matmul peak is measured before the first model and after each one; the
+    # fastest median is the reference, so one disturbed measurement cannot
+    # inflate every fraction of peak.
+    n = matmul_size(device["platform"])
+    peaks = [jax_matmul_peak(n, **timing)]
+    notify({"kind": "peak", "jax": peaks[-1]})
     memory_limit = (device["memory_bytes"] * config.memory_fraction) if device["memory_bytes"] else None
 
     rows = []
@@ -343,7 +338,7 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[dict], None] | No
                 for m in config.methods:
                     rows.append(_skipped("jax", name, b, m, "out of memory for the input batch"))
                 continue
-            case = _Case(name, params, batches, config, memory_limit, peak_flops)
+            case = _Case(name, params, batches, config, memory_limit)
             jax_rows = {}
             for method in config.methods:
                 row = _guarded(lambda: case.run_jax(method), "jax", name, b, method)
@@ -358,7 +353,20 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[dict], None] | No
                     rows.append(row)
                     notify({"kind": "case", **row})
             del case, batches
+        peaks.append(jax_matmul_peak(n, **timing))
+        notify({"kind": "peak", "jax": peaks[-1]})
     record["results"] = rows
+    record["matmul_peak"] = {"jax": max(peaks, key=lambda p: p["flops_per_s_median"]), "jax_runs": peaks}
+    if config.torch:
+        from jaxbatch.bench import torch_twins as tt
+
+        record["matmul_peak"]["torch"] = tt.torch_matmul_peak(n, tt.torch_device(device["platform"]), **timing)
+        notify({"kind": "peak", "torch": record["matmul_peak"]["torch"]})
+    # Like-for-like: a step's median FLOP/s against the matmul's median FLOP/s.
+    peak_flops = record["matmul_peak"]["jax"]["flops_per_s_median"]
+    for row in rows:
+        if row.get("flops_per_s") is not None:
+            row["fraction_of_peak"] = row["flops_per_s"] / peak_flops
 
     record["epochs"] = []
     for recipe in config.epochs:

@@ -87,8 +87,8 @@ def build_config(args):
 
 def describe(event: dict) -> str:
     if event["kind"] == "peak":
-        text = f"matmul peak: JAX {event['jax']['flops_per_s'] / 1e9:.0f} GFLOP/s"
-        return text + (f", PyTorch {event['torch']['flops_per_s'] / 1e9:.0f} GFLOP/s" if "torch" in event else "")
+        framework = "jax" if "jax" in event else "torch"
+        return f"{framework} matmul: {event[framework]['flops_per_s_median'] / 1e9:.0f} GFLOP/s (median)"
     if event["kind"] == "epoch":
         if event["status"] != "ok":
             return f"epoch {event['recipe']}: skipped ({event['reason']})"
@@ -97,9 +97,9 @@ def describe(event: dict) -> str:
     head = f"{event['framework']:5} {event['model']:9} B={event['batch_size']:<5} {event['method']:19}"
     if event["status"] != "ok":
         return f"{head} skipped: {event['reason']}"
-    peak = event.get("fraction_of_peak")
+    flops = event.get("flops_per_s")
     return (f"{head} {event['step_s'] * 1e3:9.3f} ms  {event['examples_per_s']:11,.0f} ex/s"
-            + (f"  {peak:5.1%} of peak" if peak is not None else ""))
+            + (f"  {flops / 1e9:6.1f} GFLOP/s" if flops is not None else ""))
 
 
 def run(args) -> int:
