@@ -185,14 +185,18 @@ def figures(result: dict) -> dict:
                 runs = sorted((r for r in result["runs"] if r["budget"] == budget and r["rule"] == rule
                                and r["warmup"] == warmup), key=lambda r: r["batch_size"])
                 sizes = [r["batch_size"] for r in runs]
-                acc = [np.nan if r["test_accuracy"] is None else r["test_accuracy"] for r in runs]
-                ax.plot(sizes, acc, "--" if warmup else "-", marker="o", ms=4, color=f"C{i}",
-                        label=_variant(rule, warmup))
+                acc = np.array([np.nan if r["test_accuracy"] is None else r["test_accuracy"] for r in runs])
+                seeds = [[a for a in r["test_accuracies"] if a is not None] or [np.nan] for r in runs]
+                spread = [acc - [min(s) for s in seeds], [max(s) for s in seeds] - acc]
+                ax.errorbar(np.array(sizes) * (1.04 if warmup else 0.96), acc, yerr=spread,
+                            fmt="--" if warmup else "-", marker="o", ms=4, capsize=2, lw=1, color=f"C{i}",
+                            label=_variant(rule, warmup))
                 failed = [s for s, r in zip(sizes, runs) if r["test_accuracy"] is None]
                 ax.plot(failed, [0.0] * len(failed), "x", color=f"C{i}", ms=8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size B")
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"{c['model']} on {c['dataset']}, {what} (x: every seed diverged)", fontsize=10)
+        ax.set_title(f"{c['model']} on {c['dataset']}, {what}\n(mean over {c['seeds']} seeds, bars: min to max; "
+                     "x: every seed diverged)", fontsize=10)
         ax.legend(fontsize=7)
     return {"lr_scaling": fig}
