@@ -22,6 +22,15 @@ and per-example kernel gradients as 25 batched products of shifted windows.
 Building the 25x larger patch array costs more than the whole convolution.
 XLA's CPU options (oneDNN, XNNPACK fusions, YNNPACK off for dots) changed
 the steps by less than the run-to-run noise.
+
+One trap remains outside this file: inside a loop body (lax.scan, lax.map, a
+while loop) XLA's CPU backend leaves the convolutions that autodiff derives
+in non-canonical layouts and runs them as plain loops; a cnn training step
+(Adam, batch 50) took 152 ms in a scan against 8 ms jitted alone and called
+from Python. Writing the backward pass out (jax.custom_vjp) fixed the loop
+(14 ms) but doubled the vmap-mean step and lost forward-mode autodiff, so
+the models keep autodiff; on CPU, step loops are best driven from Python
+(docs/bench.md).
 """
 
 from __future__ import annotations
@@ -70,3 +79,4 @@ def _max_pool_jvp(window, primals, tangents):
     first = score == score.max(axis=(-4, -2), keepdims=True)
     dy = jnp.where(first, _windows(dx, window), 0).sum(axis=(-4, -2))
     return top.squeeze((-4, -2)), dy
+
