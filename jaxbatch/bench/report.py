@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from jaxbatch.errors import JaxbatchError
@@ -276,7 +275,7 @@ def plot_overhead(record: dict, path: Path) -> None:
             if pts:
                 ax.plot(*zip(*pts), style, label=f"{m} {method}", markersize=3)
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set(xscale="log", xlabel="batch size", ylabel="step time / batched step time",
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="step time / batched step time",
            title="cost of per-example gradients over the batched gradient")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -300,14 +299,12 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # opened normally: the umask applies
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        tmp.write_text(text)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_results(record: dict, out_dir, name: str, plots: bool = True) -> list[Path]:
