@@ -124,24 +124,19 @@ def _model_order(name):
 # ---- markdown ----------------------------------------------------------------
 
 
+_FORMATS = {
+    "ms": lambda v: f"{v * 1e3:.3g}" if v * 1e3 < 100 else f"{v * 1e3:.0f}",
+    "s": lambda v: f"{v:.2f}",
+    "int": lambda v: f"{v:,.0f}",
+    "x": lambda v: f"{v:.2f}x",
+    "pct": lambda v: f"{v:.0%}",
+    "gflop": lambda v: f"{v / 1e9:.3g}",
+    "mb": lambda v: f"{v / 2**20:.1f}",
+}
+
+
 def _fmt(value, kind):
-    if value is None:
-        return "-"
-    if kind == "ms":
-        return f"{value * 1e3:.3g}" if value * 1e3 < 100 else f"{value * 1e3:.0f}"
-    if kind == "s":
-        return f"{value:.2f}"
-    if kind == "int":
-        return f"{value:,.0f}"
-    if kind == "x":
-        return f"{value:.2f}x"
-    if kind == "pct":
-        return f"{value:.0%}"
-    if kind == "gflop":
-        return f"{value / 1e9:.3g}"
-    if kind == "mb":
-        return f"{value / 2**20:.1f}"
-    return str(value)
+    return "-" if value is None else _FORMATS[kind](value)
 
 
 def to_markdown(record: dict) -> str:
