@@ -128,3 +128,23 @@ def test_nan_loss_is_divergence_too():
     with pytest.raises(Diverged) as info:
         train_and_evaluate(config)
     assert not np.isfinite(info.value.loss)
+
+
+def test_chunk_plan_unrolls_convolutional_models_on_cpu_only():
+    import jax
+
+    from jaxbatch.train import UNROLLED_CHUNK, chunk_plan
+
+    on_cpu = jax.default_backend() == "cpu"
+    assert chunk_plan(TrainConfig(model="cnn"), 1200, True) == ((UNROLLED_CHUNK, True) if on_cpu else (120, False))
+    assert chunk_plan(TrainConfig(), 235, False) == (24, False)
+    assert chunk_plan(TrainConfig(unroll=False, steps_per_chunk=50), 1200, True) == (50, False)
+    assert chunk_plan(TrainConfig(steps_per_chunk=500), 43, False) == (43, False)
+
+
+def test_unrolled_and_rolled_chunks_compute_the_same_training():
+    kw = dict(model="cnn", epochs=1, batch_size=64, max_steps=12)
+    rolled = train_and_evaluate(TrainConfig(unroll=False, steps_per_chunk=5, **kw))
+    unrolled = train_and_evaluate(TrainConfig(unroll=True, steps_per_chunk=4, **kw))
+    assert rel_diff(rolled.params, unrolled.params) < 1e-6
+    assert rolled.history[-1]["examples_seen"] == unrolled.history[-1]["examples_seen"] == 12 * 64
