@@ -47,4 +47,4 @@ RECIPES: dict[str, dict] = {
 def get_recipe(name: str) -> dict:
     if name not in RECIPES:
         raise JaxbatchError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
-    return RECIPES[name]["config"]
+    return dict(RECIPES[name]["config"])  # a copy: callers override fields in it

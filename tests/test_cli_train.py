@@ -29,6 +29,10 @@ def test_recipe_flags_are_overridden_by_explicit_flags(tmp_path):
     assert (config.model, config.dataset, config.batch_size) == ("mlp", "fashion_mnist", 256)
     assert (config.epochs, config.lr) == (2, 0.1)
     assert config.out == "runs/mlp-fashion"
+    # the overrides must not leak into the recipe itself
+    from jaxbatch.recipes import get_recipe
+
+    assert (get_recipe("mlp-fashion")["epochs"], get_recipe("mlp-fashion")["lr"]) == (5, 0.5)
 
 
 @pytest.mark.parametrize("argv,match", [
