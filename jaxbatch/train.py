@@ -38,7 +38,7 @@ from flax import serialization
 
 from jaxbatch import data as data_lib
 from jaxbatch.errors import JaxbatchError
-from jaxbatch.losses import BATCH_LOSSES_AND_OUTPUTS
+from jaxbatch.losses import BATCH_LOSSES_AND_OUTPUTS, batched_loss_and_outputs
 from jaxbatch.models import get_model
 from jaxbatch.optim import make_optimizer, make_schedule
 
@@ -226,10 +226,9 @@ def evaluate(params, images, labels, *, apply_fn, normalize, batch_size: int):
 def _evaluate(params, images, labels, idx, weights, *, apply_fn, normalize):
     def body(carry, iw):
         i, w = iw
-        logits = apply_fn(params, normalize(images[i]))
         y = labels[i]
-        losses = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], -1)[:, 0]
-        return (carry[0] + jnp.sum(w * losses), carry[1] + jnp.sum(w * (jnp.argmax(logits, -1) == y))), None
+        loss_sum, logits = batched_loss_and_outputs(apply_fn, params, normalize(images[i]), y, w, reduction="sum")
+        return (carry[0] + loss_sum, carry[1] + jnp.sum(w * (jnp.argmax(logits, -1) == y))), None
 
     (loss_sum, correct), _ = jax.lax.scan(body, (0.0, 0.0), (idx, weights))
     return loss_sum, correct
