@@ -1,7 +1,7 @@
 """Training: the story from data to a test accuracy, in one file.
 
     load data -> model -> loss -> train_step (one minibatch) -> run_chunk (jit,
-    lax.scan over steps) -> train_epoch -> evaluate -> train_and_evaluate
+    lax.scan over steps) -> evaluate -> train_and_evaluate (the epoch loop)
 
 Choices worth knowing:
 - The dataset lives on the device as uint8 and is normalised inside the jitted
@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -37,6 +36,7 @@ import optax
 from flax import serialization
 
 from jaxbatch import data as data_lib
+from jaxbatch.atomic import write_atomic
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.losses import BATCH_LOSSES_AND_OUTPUTS, batched_loss_and_outputs
 from jaxbatch.models import get_model
@@ -208,6 +208,11 @@ def chunk_plan(config: TrainConfig, steps_per_epoch: int, convolutional: bool) -
     return max(1, min(chunk, steps_per_epoch)), bool(unroll)
 
 
+def epoch_key(seed: int, epoch: int):
+    """The key of an epoch's permutation, from (seed, epoch) alone: the same
+    seed gives the same batches, whoever draws them."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
+
 
 def epoch_batches(key, n: int, batch_size: int):
     """A fresh random permutation of the n examples, as batches."""
@@ -252,9 +257,7 @@ class RunFiles:
         self._write_atomic("config.json", json.dumps(dataclasses.asdict(config), indent=2).encode())
 
     def _write_atomic(self, name: str, payload: bytes) -> None:
-        tmp = self.dir / f".{name}.tmp"
-        tmp.write_bytes(payload)
-        os.replace(tmp, self.dir / name)
+        write_atomic(self.dir / name, lambda tmp: tmp.write_bytes(payload))
 
     def epoch(self, record: dict) -> None:
         if self.dir is not None:
@@ -324,7 +327,6 @@ def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=
     # The data goes to the device once, as uint8.
     train_x, train_y = jax.device_put(train_ds.images), jax.device_put(train_ds.labels)
     test_x, test_y = jax.device_put(test_ds.images), jax.device_put(test_ds.labels)
-    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
     notify({"kind": "start", "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "train_size": n, "test_size": len(test_ds)})
@@ -333,7 +335,7 @@ def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=
         if done >= total_steps:
             break
         t0 = time.perf_counter()
-        idx, weights = epoch_batches(jax.random.fold_in(data_key, epoch), n, config.batch_size)
+        idx, weights = epoch_batches(epoch_key(config.seed, epoch), n, config.batch_size)
         epoch_steps = min(steps_per_epoch, total_steps - done)
         loss_sum = correct_sum = seen = 0.0
         for start in range(0, epoch_steps, chunk):

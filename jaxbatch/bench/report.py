@@ -8,9 +8,9 @@ into place, so an interrupted run leaves no half-written result.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from jaxbatch.atomic import write_atomic
 from jaxbatch.errors import JaxbatchError
 
 # ---- lookups -----------------------------------------------------------------
@@ -281,25 +281,17 @@ def plot_overhead(record: dict, path: Path) -> None:
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 # ---- files -------------------------------------------------------------------
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # opened normally: the umask applies
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_results(record: dict, out_dir, name: str, plots: bool = True) -> list[Path]:

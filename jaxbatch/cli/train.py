@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 
@@ -31,7 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), help=f"default {d.optimizer}")
     p.add_argument("--lr", type=positive_float, help=f"learning rate (the peak, with a schedule; default {d.lr:g})")
     p.add_argument("--momentum", type=non_negative_float, help=f"sgd momentum (default {d.momentum:g})")
-    p.add_argument("--nesterov", action=argparse_bool(), default=None, help="Nesterov momentum (sgd)")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (sgd)")
     p.add_argument("--weight-decay", type=non_negative_float,
                    help=f"L2 added to the gradient (sgd, adam), or decoupled (adamw); default {d.weight_decay:g}")
     p.add_argument("--schedule", choices=list(SCHEDULES), help=f"learning-rate schedule (default {d.schedule})")
@@ -40,7 +41,7 @@ def add_parser(sub) -> None:
                    help="vmap: the one-example loss under jax.vmap (default); batched: the whole batch at once")
     p.add_argument("--loss-reduction", choices=list(REDUCTIONS), help="mean (default) or sum over the batch")
     p.add_argument("--input-scale", type=positive_float, help=f"inputs are pixels / 255 * this (default {d.input_scale:g})")
-    p.add_argument("--standardize", action=argparse_bool(), default=None,
+    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
                    help="per-channel standardisation with training-set statistics")
     p.add_argument("--seed", type=int, help=f"initialisation and shuffling seed (default {d.seed})")
     p.add_argument("--max-loss", type=positive_float,
@@ -50,12 +51,6 @@ def add_parser(sub) -> None:
                    "(default runs/<recipe or model-dataset>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
-
-
-def argparse_bool():
-    import argparse
-
-    return argparse.BooleanOptionalAction
 
 
 def build_config(args):

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from jaxbatch.atomic import write_atomic
 
 
 def cache_dir() -> Path:
@@ -76,14 +77,12 @@ def cached_arrays(
 
 def _write(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
             np.savez(f, images=images, labels=labels)  # uncompressed: loads at disk speed
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    write_atomic(path, write)
     # Entries for the same source in an older state are stale now.
     prefix = path.name.rsplit("-", 1)[0] + "-"
     for old in path.parent.glob(prefix + "*.npz"):

@@ -37,7 +37,7 @@ from jaxbatch.experiments.report import check_batch_size, format_table, new_figu
 from jaxbatch.losses import batched_loss_and_outputs
 from jaxbatch.models import get_model
 from jaxbatch.optim import make_optimizer
-from jaxbatch.train import (Diverged, TrainConfig, channel_stats, epoch_batches, init_params,
+from jaxbatch.train import (Diverged, TrainConfig, channel_stats, epoch_batches, epoch_key, init_params,
                             make_normalize, train_and_evaluate)
 
 # row: (label, input scale, lr factor, initial-weight factor, standardise)
@@ -117,13 +117,12 @@ def gradient_norms(train_config: TrainConfig, params, train, steps: int) -> dict
         zero_outputs = jnp.mean(jnp.all(logits == 0, axis=-1))
         return (optax.apply_updates(params, updates), opt_state), (loss, zero_outputs), norms
 
-    data_key = jax.random.fold_in(jax.random.key(train_config.seed), 1)  # as train_and_evaluate
     n, batch = len(train), train_config.batch_size
     state, losses, zero_outputs, norms = (params, optimizer.init(params)), [], [], {}
     epoch = 0
     while len(losses) < steps:
         epoch += 1
-        idx, _ = epoch_batches(jax.random.fold_in(data_key, epoch), n, batch)
+        idx, _ = epoch_batches(epoch_key(train_config.seed, epoch), n, batch)  # as train_and_evaluate
         for i in np.asarray(idx[: n // batch]):  # whole batches only
             if len(losses) == steps:
                 break
