@@ -15,7 +15,16 @@ batch loss two ways that compute the same number:
     batched_loss  the model applied to the whole batch    (what frameworks do)
 
 `per_example_grads` is jax.vmap(jax.grad(example_loss)): every example's own
-gradient, whose mean is the batch gradient (option 1, done in parallel).
+gradient, whose mean is the batch gradient (option 1, done in parallel). The
+batch gradient itself comes four ways, here and nowhere else:
+
+    loop_grad               a Python loop of one-example gradients, averaged (option 1, literally)
+    mean_per_example_grads  the mean of per_example_grads
+    vmap_grad               jax.grad of vmap_loss
+    batched_grad            jax.grad of batched_loss (option 2)
+
+The loss of one output is a function passed in, `loss_fn(output, y)`:
+`cross_entropy` (the default) or `mse` (text B), or any other of that shape.
 
 Every function takes `apply_fn`, the model's `apply(params, x)`, first and is
 a pure function of (params, batch). An optional per-example `weights` vector
@@ -27,8 +36,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-LOSS_KINDS = ("xent", "mse")
+import numpy as np
 
 
 def cross_entropy(logits, label):
@@ -43,24 +51,23 @@ def mse(output, target):
     return jnp.mean((output - target) ** 2)
 
 
-def _loss_of_output(out, y, kind):
-    return cross_entropy(out, y) if kind == "xent" else mse(out, y)
-
-
-def example_loss_and_output(apply_fn, params, x, y, kind: str = "xent"):
-    """(l(theta; x, y), model output) for ONE example: x has no batch axis, y is
-    an int label (kind="xent") or a target vector (kind="mse")."""
+def example_loss_and_output(apply_fn, params, x, y, loss_fn=cross_entropy):
+    """(l(theta; x, y), model output) for ONE example: x has no batch axis;
+    `loss_fn(output, y)` is the loss of one output (cross_entropy with an int
+    label, mse with a target vector, or any function of the same shape)."""
     out = apply_fn(params, x)
-    return _loss_of_output(out, y, kind), out
+    return loss_fn(out, y), out
 
 
-def example_loss(apply_fn, params, x, y, kind: str = "xent"):
+def example_loss(apply_fn, params, x, y, loss_fn=cross_entropy):
     """The loss of ONE example, l(theta; x, y)."""
-    return example_loss_and_output(apply_fn, params, x, y, kind)[0]
+    return example_loss_and_output(apply_fn, params, x, y, loss_fn)[0]
 
 
 def _reduce(losses, weights, reduction):
     """mean: sum_i w_i l_i / sum_i w_i;  sum: sum_i w_i l_i (w_i = 1 if None)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"unknown reduction {reduction!r}; choose mean or sum")
     if weights is None:
         return jnp.sum(losses) if reduction == "sum" else jnp.mean(losses)
     total = jnp.sum(weights * losses)
@@ -70,48 +77,73 @@ def _reduce(losses, weights, reduction):
 # ---- per-example: the one-example loss under jax.vmap ----------------------
 
 
-def vmap_loss_and_outputs(apply_fn, params, xs, ys, weights=None, kind="xent", reduction="mean"):
+def vmap_loss_and_outputs(apply_fn, params, xs, ys, weights=None, loss_fn=cross_entropy, reduction="mean"):
     """(L_B, outputs) with every l_i computed by the one-example loss under jax.vmap."""
-    losses, outs = jax.vmap(lambda x, y: example_loss_and_output(apply_fn, params, x, y, kind))(xs, ys)
+    losses, outs = jax.vmap(lambda x, y: example_loss_and_output(apply_fn, params, x, y, loss_fn))(xs, ys)
     return _reduce(losses, weights, reduction), outs
 
 
-def vmap_loss(apply_fn, params, xs, ys, weights=None, kind: str = "xent", reduction: str = "mean"):
+def vmap_loss(apply_fn, params, xs, ys, weights=None, loss_fn=cross_entropy, reduction="mean"):
     """L_B = (1/|B|) sum_i l(theta; x_i, y_i), each l_i computed by the
     one-example loss under jax.vmap."""
-    return vmap_loss_and_outputs(apply_fn, params, xs, ys, weights, kind, reduction)[0]
+    return vmap_loss_and_outputs(apply_fn, params, xs, ys, weights, loss_fn, reduction)[0]
 
 
 # ---- batched: the model applied to the whole (B, ...) batch ----------------
 
 
-def batched_loss_and_outputs(apply_fn, params, xs, ys, weights=None, kind="xent", reduction="mean"):
+def batched_loss_and_outputs(apply_fn, params, xs, ys, weights=None, loss_fn=cross_entropy, reduction="mean"):
     """(L_B, outputs) from one forward pass over the whole batch."""
     out = apply_fn(params, xs)
-    if kind == "xent":
-        losses = jax.nn.logsumexp(out, axis=-1) - jnp.take_along_axis(out, ys[:, None], axis=-1)[:, 0]
-    else:
-        losses = jnp.mean((out - ys) ** 2, axis=-1)
-    return _reduce(losses, weights, reduction), out
+    # The network ran once on the (B, ...) batch; scoring its B output rows is
+    # elementwise work, so the one-output loss is mapped over them.
+    return _reduce(jax.vmap(loss_fn)(out, ys), weights, reduction), out
 
 
-def batched_loss(apply_fn, params, xs, ys, weights=None, kind: str = "xent", reduction: str = "mean"):
+def batched_loss(apply_fn, params, xs, ys, weights=None, loss_fn=cross_entropy, reduction="mean"):
     """The same L_B, the way frameworks compute it: one forward pass over the
     (B, ...) batch, then the mean of the B losses."""
-    return batched_loss_and_outputs(apply_fn, params, xs, ys, weights, kind, reduction)[0]
+    return batched_loss_and_outputs(apply_fn, params, xs, ys, weights, loss_fn, reduction)[0]
 
 
-BATCH_LOSSES = {"vmap": vmap_loss, "batched": batched_loss}
-BATCH_LOSSES_AND_OUTPUTS = {"vmap": vmap_loss_and_outputs, "batched": batched_loss_and_outputs}
+# ---- gradients: the batch gradient four ways --------------------------------
 
 
-def per_example_grads(apply_fn, params, xs, ys, kind: str = "xent"):
+def per_example_grads(apply_fn, params, xs, ys, loss_fn=cross_entropy):
     """g_i = grad_theta l(theta; x_i, y_i) for every example: a params pytree
     whose leaves have a leading batch axis. jax.vmap(jax.grad(example_loss))."""
-    grad_one = jax.grad(lambda p, x, y: example_loss(apply_fn, p, x, y, kind))
+    grad_one = jax.grad(lambda p, x, y: example_loss(apply_fn, p, x, y, loss_fn))
     return jax.vmap(grad_one, in_axes=(None, 0, 0))(params, xs, ys)
 
 
-def mean_per_example_grads(apply_fn, params, xs, ys, kind: str = "xent"):
+def mean_per_example_grads(apply_fn, params, xs, ys, loss_fn=cross_entropy):
     """(1/|B|) sum_i g_i: equals grad of vmap_loss and of batched_loss."""
-    return jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example_grads(apply_fn, params, xs, ys, kind))
+    return jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example_grads(apply_fn, params, xs, ys, loss_fn))
+
+
+def vmap_grad(apply_fn, params, xs, ys, loss_fn=cross_entropy):
+    """grad L_B with L_B = vmap_loss: the mean of the vmapped one-example loss."""
+    return jax.grad(lambda p: vmap_loss(apply_fn, p, xs, ys, loss_fn=loss_fn))(params)
+
+
+def batched_grad(apply_fn, params, xs, ys, loss_fn=cross_entropy):
+    """grad L_B with L_B = batched_loss: one forward and backward pass over the batch."""
+    return jax.grad(lambda p: batched_loss(apply_fn, p, xs, ys, loss_fn=loss_fn))(params)
+
+
+def loop_grad(grad_one, params, xs, ys):
+    """Text A's option 1, literally: one example at a time, summed in order,
+    then divided by |B|. `grad_one(params, x, y)` is the gradient of one
+    example's loss (jit it once; see `example_grad_fn`). The running sum is kept
+    in NumPy, in the gradient's own dtype, so the loop adds no compiled steps
+    of its own. Small batches only: one dispatch per example."""
+    total = None
+    for x, y in zip(xs, ys):
+        g = jax.tree.map(np.asarray, grad_one(params, x, y))
+        total = g if total is None else jax.tree.map(np.add, total, g)
+    return jax.tree.map(lambda t: t / t.dtype.type(len(ys)), total)
+
+
+def example_grad_fn(apply_fn, loss_fn=cross_entropy):
+    """(params, x, y) -> grad_theta l(theta; x, y) for ONE example, jitted."""
+    return jax.jit(jax.grad(lambda p, x, y: example_loss(apply_fn, p, x, y, loss_fn)))

@@ -38,11 +38,12 @@ from flax import serialization
 from jaxbatch import data as data_lib
 from jaxbatch.atomic import write_atomic
 from jaxbatch.errors import JaxbatchError
-from jaxbatch.losses import BATCH_LOSSES_AND_OUTPUTS, batched_loss_and_outputs
+from jaxbatch.losses import batched_loss_and_outputs, vmap_loss_and_outputs
 from jaxbatch.models import get_model
 from jaxbatch.optim import make_optimizer, make_schedule
 
-LOSS_MODES = tuple(BATCH_LOSSES_AND_OUTPUTS)  # ("vmap", "batched")
+BATCH_LOSSES_AND_OUTPUTS = {"vmap": vmap_loss_and_outputs, "batched": batched_loss_and_outputs}
+LOSS_MODES = tuple(BATCH_LOSSES_AND_OUTPUTS)
 REDUCTIONS = ("mean", "sum")
 
 
@@ -276,10 +277,7 @@ def prepare_data(config: TrainConfig, train_ds=None, test_ds=None):
     if test_ds is None:
         test_ds = data_lib.load(config.dataset, "test", config.data_dir, config.source)
     get_model(config.model).check_image_shape(train_ds.image_shape)
-    if config.batch_size > len(train_ds):
-        raise JaxbatchError(
-            f"batch size {config.batch_size} is larger than the {len(train_ds)} training examples "
-            f"of {train_ds.name}; pass a smaller --batch-size")
+    data_lib.check_batch_size(config.batch_size, train_ds)
     return train_ds, test_ds
 
 

@@ -99,8 +99,8 @@ def test_mse_example_loss_for_text_b():
     x = jax.random.normal(jax.random.key(1), (32, 32, 1))
     target = jax.random.normal(jax.random.key(2), (10,))
     out = model.apply(params, x)
-    np.testing.assert_allclose(losses.example_loss(model.apply, params, x, target, kind="mse"),
+    np.testing.assert_allclose(losses.example_loss(model.apply, params, x, target, loss_fn=losses.mse),
                                jnp.mean((out - target) ** 2), rtol=1e-6)
     xs, ts = jnp.stack([x, -x]), jnp.stack([target, target])
-    np.testing.assert_allclose(losses.vmap_loss(model.apply, params, xs, ts, kind="mse"),
-                               losses.batched_loss(model.apply, params, xs, ts, kind="mse"), rtol=1e-6)
+    np.testing.assert_allclose(losses.vmap_loss(model.apply, params, xs, ts, loss_fn=losses.mse),
+                               losses.batched_loss(model.apply, params, xs, ts, loss_fn=losses.mse), rtol=1e-6)

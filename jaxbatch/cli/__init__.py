@@ -70,12 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_name(setting: str | None) -> str | None:
+    """The flag of a library setting: batch_size -> --batch-size."""
+    return None if setting is None else "--" + setting.replace("_", "-")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
     except JaxbatchError as err:
-        print(f"jaxbatch {args.command}: error: {err}", file=sys.stderr)
+        print(f"jaxbatch {args.command}: error: {err.render(flag_name(err.setting))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jaxbatch {args.command}: interrupted", file=sys.stderr)

@@ -41,6 +41,13 @@ class Dataset:
         return tuple(self.images.shape[1:])
 
 
+def check_batch_size(batch_size: int, dataset: Dataset, setting: str = "batch_size") -> None:
+    """Refuse a batch larger than the training split it is drawn from."""
+    if batch_size > len(dataset):
+        raise JaxbatchError(f"batch size {batch_size} is larger than the {len(dataset)} training examples "
+                            f"of {dataset.name}; pass a smaller {{setting}}", setting=setting)
+
+
 def default_data_dir() -> Path:
     """`$JAXBATCH_DATA`, else `~/.jaxbatch/data`."""
     return Path(os.environ.get("JAXBATCH_DATA") or Path.home() / ".jaxbatch" / "data").expanduser()

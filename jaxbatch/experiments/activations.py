@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxbatch import data as data_lib
 from jaxbatch.errors import JaxbatchError
-from jaxbatch.experiments.report import check_batch_size, format_table, new_figure
+from jaxbatch.experiments.report import format_table, new_figure
 from jaxbatch.precision import enable_x64
 
 ACTIVATIONS = {
@@ -107,7 +107,7 @@ def run(config: Config, on_progress=None) -> dict:
     on_progress = on_progress or (lambda text: None)
     validate(config)
     train = data_lib.load(config.dataset, "train", config.data_dir)
-    check_batch_size(config.batch_size, train)
+    data_lib.check_batch_size(config.batch_size, train)
     on_progress("activations and their derivatives")
     grid = jnp.linspace(-6.0, 6.0, config.grid_points)
     curves = derivatives(grid)

@@ -41,7 +41,7 @@ import numpy as np
 
 from jaxbatch import data as data_lib
 from jaxbatch.errors import JaxbatchError
-from jaxbatch.experiments.report import check_batch_size, format_table, new_figure
+from jaxbatch.experiments.report import format_table, new_figure
 from jaxbatch.losses import batched_loss, example_loss, mean_per_example_grads, vmap_loss
 from jaxbatch.models import MODELS, get_model
 from jaxbatch.precision import enable_x64
@@ -196,7 +196,7 @@ def run(config: Config, on_progress=None) -> dict:
     on_progress = on_progress or (lambda text: None)
     validate(config)
     train = data_lib.load(config.dataset, "train", config.data_dir)
-    check_batch_size(config.batch_size, train)
+    data_lib.check_batch_size(config.batch_size, train)
     order = np.random.default_rng(config.seed).permutation(len(train))[: config.batch_size]
     images, labels = train.images[order], train.labels[order]
     models = {}

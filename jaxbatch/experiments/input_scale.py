@@ -33,7 +33,7 @@ import optax
 
 from jaxbatch import data as data_lib
 from jaxbatch.errors import JaxbatchError
-from jaxbatch.experiments.report import check_batch_size, format_table, new_figure
+from jaxbatch.experiments.report import format_table, new_figure
 from jaxbatch.losses import batched_loss_and_outputs
 from jaxbatch.models import get_model
 from jaxbatch.optim import make_optimizer
@@ -140,7 +140,7 @@ def run(config: Config, on_progress=None) -> dict:
     validate(config)
     train = data_lib.load(config.dataset, "train", config.data_dir)
     test = data_lib.load(config.dataset, "test", config.data_dir)
-    check_batch_size(config.batch_size, train)
+    data_lib.check_batch_size(config.batch_size, train)
     get_model(config.model).check_image_shape(train.image_shape)
     rows = {}
     for row, (label, *_) in ROWS.items():

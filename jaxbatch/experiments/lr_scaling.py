@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxbatch import data as data_lib
 from jaxbatch.errors import JaxbatchError
-from jaxbatch.experiments.report import check_batch_size, format_table, new_figure
+from jaxbatch.experiments.report import format_table, new_figure
 from jaxbatch.models import get_model
 from jaxbatch.optim import OPTIMIZERS
 from jaxbatch.train import Diverged, TrainConfig, train_and_evaluate
@@ -125,7 +125,7 @@ def run(config: Config, on_progress=None) -> dict:
     validate(config)
     train = data_lib.load(config.dataset, "train", config.data_dir)
     test = data_lib.load(config.dataset, "test", config.data_dir)
-    check_batch_size(max(config.batch_sizes), train, "--batch-sizes")
+    data_lib.check_batch_size(max(config.batch_sizes), train, "batch_sizes")
     get_model(config.model).check_image_shape(train.image_shape)
     runs, done = [], {}
     for budget in BUDGETS:

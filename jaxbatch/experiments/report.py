@@ -33,13 +33,6 @@ def check_out_dir(out) -> Path:
     return path
 
 
-def check_batch_size(batch_size: int, dataset, flag: str = "--batch-size") -> None:
-    """Refuse a batch larger than the training split it is drawn from."""
-    if batch_size > len(dataset):
-        raise JaxbatchError(f"batch size {batch_size} is larger than the {len(dataset)} training examples "
-                            f"of {dataset.name}; pass a smaller {flag}")
-
-
 def jsonable(value):
     """numpy scalars and arrays as plain Python; NaN and infinities as None
     (JSON has no NaN)."""

@@ -43,7 +43,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxbatch import data as data_lib
 from jaxbatch.errors import JaxbatchError
-from jaxbatch.experiments.report import check_batch_size, format_table, new_figure
+from jaxbatch.experiments.report import format_table, new_figure
 from jaxbatch.losses import batched_loss, per_example_grads
 from jaxbatch.models import get_model
 from jaxbatch.train import TrainConfig, init_params, make_normalize, train_and_evaluate
@@ -204,7 +204,7 @@ def run_dataset(name: str, config: Config, on_progress) -> dict:
     train = data_lib.load(name, "train", config.data_dir)
     test = data_lib.load(name, "test", config.data_dir)
     n = len(train)
-    check_batch_size(max(config.batch_sizes), train, "--batch-sizes")
+    data_lib.check_batch_size(max(config.batch_sizes), train, "batch_sizes")
     model = get_model(config.model)
     model.check_image_shape(train.image_shape)
     train_config = TrainConfig(model=config.model, dataset=name, epochs=config.train_epochs,
