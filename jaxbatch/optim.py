@@ -9,10 +9,20 @@ which is optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, mu, nesterov))
 Adam (Kingma & Ba, 2015) with the same coupled L2 term, as `torch.optim.Adam`;
 AdamW (Loshchilov & Hutter, 2019) with decoupled decay:
     theta_{t+1} = theta_t - lr * (adam_step_t + wd * theta_t).
+
+The numbers (learning rate, momentum, weight decay, warm-up and total steps)
+may be traced JAX values: the training step receives them as arguments, so a
+sweep over learning rates reuses one compiled program. What changes the
+program's structure is decided from the name and from whether momentum and
+weight decay are used at all (a Python 0 or None means not used).
 """
+
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax.numpy as jnp
 import optax
 
 from jaxbatch.errors import JaxbatchError
@@ -21,33 +31,79 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup", "warmup-cosine")
 
 
-def make_schedule(name: str, lr: float, warmup_steps: int = 0, total_steps: int = 1):
-    """constant: lr.  warmup: lr * min(1, t / warmup_steps) (Goyal et al. 2017).
-    warmup-cosine: the same warm-up, then lr * (1 + cos(pi * s)) / 2 down to 0
-    over the remaining steps (Loshchilov & Hutter 2017)."""
+def _unused(value) -> bool:
+    """None or a Python zero: the term is left out of the optimiser."""
+    return value is None or (isinstance(value, (int, float)) and value == 0)
+
+
+def check_schedule(name: str, warmup_steps) -> None:
     if name not in SCHEDULES:
-        raise JaxbatchError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
-    if name != "constant" and warmup_steps <= 0:
-        raise JaxbatchError(f"schedule {name!r} needs --warmup-steps of 1 or more")
+        raise JaxbatchError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}", setting="schedule")
+    if name != "constant" and isinstance(warmup_steps, (int, float)) and warmup_steps <= 0:
+        raise JaxbatchError(f"schedule {name!r} needs {{setting}} of 1 or more", setting="warmup_steps")
+
+
+def make_schedule(name: str, lr, warmup_steps=0, total_steps=1):
+    """step t -> learning rate.
+    constant: lr.  warmup: lr * min(1, t / warmup_steps) (Goyal et al. 2017).
+    warmup-cosine: the same warm-up, then lr * (1 + cos(pi * s)) / 2 with s
+    going from 0 to 1 over the remaining steps, down to 0 (Loshchilov & Hutter
+    2017)."""
+    check_schedule(name, warmup_steps)
     if name == "constant":
-        return optax.constant_schedule(lr)
+        return lambda t: jnp.asarray(lr)
+    warm = lambda t: lr * jnp.minimum(1.0, t / warmup_steps)  # noqa: E731
     if name == "warmup":
-        return optax.linear_schedule(0.0, lr, warmup_steps)  # holds lr after the warm-up
-    return optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1), end_value=0.0)
+        return warm
+    decay_steps = jnp.maximum(total_steps - warmup_steps, 1)
+
+    def warmup_cosine(t):
+        s = jnp.clip((t - warmup_steps) / decay_steps, 0.0, 1.0)
+        return jnp.where(t < warmup_steps, warm(t), lr * 0.5 * (1.0 + jnp.cos(jnp.pi * s)))
+
+    return warmup_cosine
 
 
-def make_optimizer(name: str, learning_rate, momentum: float = 0.0, nesterov: bool = False,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """An Optax optimiser; `learning_rate` is a float or a schedule."""
+def make_optimizer(name: str, learning_rate, momentum=0.0, nesterov: bool = False,
+                   weight_decay=0.0) -> optax.GradientTransformation:
+    """An Optax optimiser; `learning_rate` is a number or a schedule."""
     if name not in OPTIMIZERS:
-        raise JaxbatchError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
-    if nesterov and (name != "sgd" or momentum <= 0):
-        raise JaxbatchError("--nesterov needs --optimizer sgd and --momentum greater than 0")
+        raise JaxbatchError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}",
+                            setting="optimizer")
+    if nesterov and (name != "sgd" or _unused(momentum)):
+        raise JaxbatchError("{setting} needs optimizer sgd and a momentum greater than 0", setting="nesterov")
     if name == "adamw":
-        return optax.adamw(learning_rate, weight_decay=weight_decay)
+        return optax.adamw(learning_rate, weight_decay=0.0 if _unused(weight_decay) else weight_decay)
     # Coupled weight decay: the L2 term joins the gradient before momentum/Adam sees it.
-    l2 = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+    l2 = [] if _unused(weight_decay) else [optax.add_decayed_weights(weight_decay)]
     if name == "sgd":
-        return optax.chain(*l2, optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
+        return optax.chain(*l2, optax.sgd(learning_rate, momentum=None if _unused(momentum) else momentum,
+                                          nesterov=nesterov))
     return optax.chain(*l2, optax.adam(learning_rate))
+
+
+class Structure(NamedTuple):
+    """What shapes the optimiser's program; hashable, so it can be a static
+    argument of a jitted step. The numbers go separately (`numbers`)."""
+    name: str
+    schedule: str
+    nesterov: bool
+    momentum: bool  # whether SGD keeps a momentum buffer
+    weight_decay: bool  # whether an L2 / decoupled decay term is applied
+
+
+def split(name, lr, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant",
+          warmup_steps=0, total_steps=1) -> tuple[Structure, dict]:
+    """An optimiser's settings as (Structure, numbers): the numbers are scalar
+    arrays (of JAX's default float dtype) that a jitted step takes as arguments."""
+    structure = Structure(name, schedule, bool(nesterov), momentum > 0, weight_decay > 0)
+    numbers = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                   total_steps=total_steps)
+    return structure, {k: jnp.asarray(float(v)) for k, v in numbers.items()}
+
+
+def build(structure: Structure, numbers: dict) -> optax.GradientTransformation:
+    """The Optax optimiser of `split`'s (structure, numbers); numbers may be traced."""
+    schedule = make_schedule(structure.schedule, numbers["lr"], numbers["warmup_steps"], numbers["total_steps"])
+    return make_optimizer(structure.name, schedule, numbers["momentum"] if structure.momentum else None,
+                          structure.nesterov, numbers["weight_decay"] if structure.weight_decay else None)

@@ -3,6 +3,14 @@
     load data -> model -> loss -> train_step (one minibatch) -> run_chunk (jit,
     lax.scan over steps) -> evaluate -> train_and_evaluate (the epoch loop)
 
+`run_chunk` and `evaluate` are jitted once, at module level. Everything that
+varies between runs as a number (input scale, channel statistics, learning
+rate, momentum, weight decay, schedule lengths, the divergence threshold) is
+an argument, and what shapes the program (the model's apply, the loss
+function, the optimiser's structure) is a static, hashable argument; so a
+second run with the same shapes, or a sweep over seeds or learning rates,
+reuses the compiled program.
+
 Choices worth knowing:
 - The dataset lives on the device as uint8 and is normalised inside the jitted
   step (x / 255 * input_scale, optionally per-channel standardised), so each
@@ -10,7 +18,10 @@ Choices worth knowing:
 - Each epoch draws its permutation with `jax.random` from (seed, epoch): the
   same seed gives the same numbers.
 - Steps run inside `jax.lax.scan` over chunks of steps, so Python is out of the
-  per-step path; the progress callback fires once per chunk.
+  per-step path. The host never waits for the chunk it just launched: it
+  reads the previous chunk's few summary numbers (divergence, loss and
+  accuracy sums) while the next one runs, and the progress callback fires
+  then, one chunk behind.
 - The last, partial batch of an epoch is kept: it is padded to the batch size
   with weight-0 examples, so every example is seen once per epoch, that step's
   gradient is the mean over its real examples only, and the metrics count
@@ -35,15 +46,17 @@ import numpy as np
 import optax
 from flax import serialization
 
+from jaxbatch import backends, optim
 from jaxbatch import data as data_lib
 from jaxbatch.atomic import write_atomic
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.losses import batched_loss_and_outputs, vmap_loss_and_outputs
 from jaxbatch.models import get_model
-from jaxbatch.optim import make_optimizer, make_schedule
+from jaxbatch.precision import matmul_precision
 
-BATCH_LOSSES_AND_OUTPUTS = {"vmap": vmap_loss_and_outputs, "batched": batched_loss_and_outputs}
-LOSS_MODES = tuple(BATCH_LOSSES_AND_OUTPUTS)
+# --loss: which batch loss the step differentiates (both return (L_B, outputs)).
+LOSSES = {"vmap": vmap_loss_and_outputs, "batched": batched_loss_and_outputs}
+LOSS_MODES = tuple(LOSSES)
 REDUCTIONS = ("mean", "sum")
 
 
@@ -71,6 +84,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many steps in all (None: run every epoch)
     steps_per_chunk: int | None = None  # steps per lax.scan call; None: see chunk_plan
     unroll: bool | None = None  # unroll each chunk's scan; None: see chunk_plan
+    record_steps: int = 0  # keep loss and per-layer gradient norms of the first N steps (TrainResult.steps)
     eval_batch_size: int = 1000
     # A step loss above this counts as divergence, like NaN or inf. Chance-level
     # cross-entropy is ln(10) = 2.3; a loss of 1e4 means logits 1e4 apart: the
@@ -82,6 +96,7 @@ class TrainConfig:
 class TrainResult(NamedTuple):
     params: Any
     history: list  # one dict per epoch
+    steps: list = []  # with config.record_steps: one dict per step (loss, grad_norm, zero_output_fraction)
 
 
 class Diverged(JaxbatchError):
@@ -89,6 +104,7 @@ class Diverged(JaxbatchError):
 
     def __init__(self, epoch: int, step: int, loss: float, last_finite_loss: float | None, config: TrainConfig):
         self.epoch, self.step, self.loss, self.last_finite_loss = epoch, step, loss, last_finite_loss
+        self.steps: list = []  # with config.record_steps: the steps recorded up to here
         last = "none" if last_finite_loss is None else f"{last_finite_loss:.4g}"
         super().__init__(
             f"training diverged at epoch {epoch}, step {step}: the loss reached {loss:.4g} "
@@ -102,80 +118,131 @@ class Diverged(JaxbatchError):
 def validate(config: TrainConfig) -> None:
     """Reject nonsensical settings before any data is loaded or compiled."""
     if config.loss not in LOSS_MODES:
-        raise JaxbatchError(f"unknown loss mode {config.loss!r}; choose one of: {', '.join(LOSS_MODES)}")
+        raise JaxbatchError(f"unknown loss mode {config.loss!r}; choose one of: {', '.join(LOSS_MODES)}",
+                            setting="loss")
     if config.loss_reduction not in REDUCTIONS:
-        raise JaxbatchError(f"unknown loss reduction {config.loss_reduction!r}; choose mean or sum")
+        raise JaxbatchError(f"unknown loss reduction {config.loss_reduction!r}; choose mean or sum",
+                            setting="loss_reduction")
     for field in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(config, field) < 1:
-            raise JaxbatchError(f"{field.replace('_', '-')} must be 1 or more, got {getattr(config, field)}")
+            raise JaxbatchError(f"{{setting}} must be 1 or more, got {getattr(config, field)}", setting=field)
     if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise JaxbatchError(f"learning rate must be a finite number greater than 0, got {config.lr}")
+        raise JaxbatchError(f"learning rate {{setting}} must be a finite number greater than 0, got {config.lr}",
+                            setting="lr")
     if not (config.input_scale > 0 and math.isfinite(config.input_scale)):
-        raise JaxbatchError(f"input scale must be a finite number greater than 0, got {config.input_scale}")
-    if config.momentum < 0 or config.weight_decay < 0 or config.warmup_steps < 0:
-        raise JaxbatchError("momentum, weight decay and warm-up steps must be 0 or more")
+        raise JaxbatchError(f"{{setting}} must be a finite number greater than 0, got {config.input_scale}",
+                            setting="input_scale")
+    for field in ("momentum", "weight_decay", "warmup_steps", "record_steps"):
+        if getattr(config, field) < 0:
+            raise JaxbatchError(f"{{setting}} must be 0 or more, got {getattr(config, field)}", setting=field)
     if not config.max_loss > 0:
-        raise JaxbatchError(f"max-loss must be greater than 0, got {config.max_loss}")
+        raise JaxbatchError(f"{{setting}} must be greater than 0, got {config.max_loss}", setting="max_loss")
     if config.max_steps is not None and config.max_steps < 1:
-        raise JaxbatchError(f"max-steps must be 1 or more, got {config.max_steps}")
+        raise JaxbatchError(f"{{setting}} must be 1 or more, got {config.max_steps}", setting="max_steps")
+    optim.check_schedule(config.schedule, config.warmup_steps)
+    optim.build(*optimizer_settings(config, total_steps=1))  # unknown names, nesterov without momentum
     get_model(config.model)
     data_lib.get_spec(config.dataset)
+
+
+def optimizer_settings(config: TrainConfig, total_steps: int):
+    """(optim.Structure, numbers) of the run's optimiser and schedule."""
+    return optim.split(config.optimizer, config.lr, config.momentum, config.nesterov, config.weight_decay,
+                       config.schedule, config.warmup_steps, total_steps)
 
 
 # ---- the pieces of one step -------------------------------------------------
 
 
-def make_normalize(input_scale: float, mean=None, std=None) -> Callable:
+def input_numbers(input_scale: float, mean=None, std=None) -> dict:
+    """The numbers that turn uint8 pixels into model inputs (see `normalize`),
+    as arrays a jitted step takes as an argument."""
+    numbers = {"scale": jnp.asarray(input_scale / 255.0, jnp.float32)}
+    if mean is not None:
+        numbers.update(mean=jnp.asarray(mean, jnp.float32), std=jnp.asarray(std, jnp.float32))
+    return numbers
+
+
+def normalize(pixels, numbers: dict):
     """uint8 pixels -> float32 inputs, inside the jitted step:
     x = p / 255 * input_scale, then (x - mean) / std per channel if given."""
-
-    def normalize(pixels):
-        x = pixels.astype(jnp.float32) * (input_scale / 255.0)
-        if mean is not None:
-            x = (x - mean) / std
-        return x
-
-    return normalize
+    x = pixels.astype(jnp.float32) * numbers["scale"]
+    if "mean" in numbers:
+        x = (x - numbers["mean"]) / numbers["std"]
+    return x
 
 
 def channel_stats(images: np.ndarray, input_scale: float):
     """Per-channel mean and std of the normalised training images."""
     x = images.reshape(-1, images.shape[-1]).astype(np.float64) * (input_scale / 255.0)
-    return jnp.asarray(x.mean(0), jnp.float32), jnp.asarray(x.std(0) + 1e-8, jnp.float32)
+    return x.mean(0), x.std(0) + 1e-8
 
 
-def train_step(state, batch, *, apply_fn, optimizer, loss_mode, reduction, normalize):
+def layer_norms(grads) -> dict:
+    """{"hidden/kernel": ||dL/dW||_2, ...} for every parameter array."""
+    return {jax.tree_util.keystr(path, simple=True, separator="/").removeprefix("params/"): jnp.linalg.norm(g.ravel())
+            for path, g in jax.tree_util.tree_leaves_with_path(grads)}
+
+
+def train_step(state, batch, numbers, *, apply_fn, batch_loss, optimizer, reduction, record=False):
     """One optimiser step on one minibatch.
 
     state: (params, opt_state); batch: (uint8 images, int labels, weights),
-    weights 1 for real examples and 0 for the padding of a last partial batch.
-    Returns the new state and (mean loss, number correct, number of examples).
+    weights 1 for real examples and 0 for the padding of a last partial batch;
+    numbers: {"inputs": input_numbers(...), "optimizer": optim numbers}.
+    Returns the new state and {"loss" (the mean), "correct", "count"}, plus,
+    with `record`, the per-layer gradient norms and the fraction of examples
+    whose outputs are all exactly 0 (text C's dead network).
     """
     params, opt_state = state
     pixels, labels, weights = batch
-    x = normalize(pixels)
-    loss_and_outputs = BATCH_LOSSES_AND_OUTPUTS[loss_mode]
+    x = normalize(pixels, numbers["inputs"])
 
     def objective(p):
-        return loss_and_outputs(apply_fn, p, x, labels, weights, reduction=reduction)
+        return batch_loss(apply_fn, p, x, labels, weights, reduction=reduction)
 
     (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+    updates, opt_state = optim.build(optimizer, numbers["optimizer"]).update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     n = jnp.sum(weights)
-    mean_loss = loss / n if reduction == "sum" else loss
-    correct = jnp.sum(weights * (jnp.argmax(logits, axis=-1) == labels))
-    return (params, opt_state), (mean_loss, correct, n)
+    stats = {"loss": loss / n if reduction == "sum" else loss,
+             "correct": jnp.sum(weights * (jnp.argmax(logits, axis=-1) == labels)), "count": n}
+    if record:
+        stats["grad_norm"] = layer_norms(grads)
+        stats["zero_output_fraction"] = jnp.sum(weights * jnp.all(logits == 0, axis=-1)) / n
+    return (params, opt_state), stats
 
 
-def run_chunk(state, images, labels, idx, weights, *, step_fn, unroll=1):
-    """`len(idx)` steps under lax.scan; idx (k, B) indexes the on-device data."""
+@partial(jax.jit, donate_argnums=0,
+         static_argnames=("apply_fn", "batch_loss", "optimizer", "reduction", "unroll", "record"))
+def run_chunk(state, data, idx, weights, numbers, *, apply_fn, batch_loss, optimizer, reduction,
+              unroll=1, record=False):
+    """`len(idx)` steps under lax.scan; idx (k, B) indexes the on-device data
+    (images, labels). Returns the new state, `summarize`'s few numbers, and
+    the per-step stats when `record` (else None)."""
+    images, labels = data
 
     def body(state, iw):
         i, w = iw
-        return step_fn(state, (images[i], labels[i], w))
+        return train_step(state, (images[i], labels[i], w), numbers, apply_fn=apply_fn, batch_loss=batch_loss,
+                          optimizer=optimizer, reduction=reduction, record=record)
 
-    return jax.lax.scan(body, state, (idx, weights), unroll=unroll)
+    state, stats = jax.lax.scan(body, state, (idx, weights), unroll=unroll)
+    return state, summarize(stats, numbers["max_loss"]), (stats if record else None)
+
+
+def summarize(stats, max_loss):
+    """A chunk's per-step losses reduced on the device to what the host needs:
+    the index of the first bad step (-1 if none; bad = NaN, inf or above
+    max_loss), its loss and the one before it, the last loss, and the sums
+    for the epoch's metrics."""
+    losses = stats["loss"]
+    bad = ~(jnp.abs(losses) <= max_loss)  # NaN compares False
+    first = jnp.argmax(bad)
+    return {"first_bad": jnp.where(bad[first], first, -1), "bad_loss": losses[first],
+            "before_bad": losses[jnp.maximum(first - 1, 0)], "last_loss": losses[-1],
+            "loss_sum": jnp.sum(losses * stats["count"]), "correct": jnp.sum(stats["correct"]),
+            "count": jnp.sum(stats["count"])}
 
 
 def as_batches(order, batch_size: int):
@@ -189,23 +256,19 @@ def as_batches(order, batch_size: int):
     return idx, weights
 
 
-UNROLLED_CHUNK = 8
-
-
-def chunk_plan(config: TrainConfig, steps_per_epoch: int, convolutional: bool) -> tuple[int, bool]:
+def chunk_plan(config: TrainConfig, steps_per_epoch: int, has_convolution: bool,
+               backend: str | None = None) -> tuple[int, bool]:
     """(steps per lax.scan call, whether to unroll it).
 
-    Default: about a tenth of an epoch per call, rolled. But XLA's CPU backend
-    runs convolutions (and their gradients) inside a loop body without its
-    fast convolution library, about 17x slower than the same step outside a
-    loop (cnn-mnist: one epoch 277 s rolled, 8 s unrolled); so on CPU a
-    convolutional model scans 8 steps at a time, fully unrolled: still no
+    About a tenth of an epoch per call, rolled: few host round trips, small
+    programs. Where the backend runs convolutions badly inside loop bodies
+    (XLA:CPU; jaxbatch/backends.py has the measurements), a model with a
+    convolution scans a few steps at a time, fully unrolled instead: still no
     Python between steps, and a compile time that stays small.
     """
-    unroll = config.unroll
-    if unroll is None:
-        unroll = convolutional and jax.default_backend() == "cpu"
-    chunk = config.steps_per_chunk or (UNROLLED_CHUNK if unroll else -(-steps_per_epoch // 10))
+    unrolled_steps = backends.choices(backend).unrolled_conv_steps if has_convolution else None
+    unroll = config.unroll if config.unroll is not None else unrolled_steps is not None
+    chunk = config.steps_per_chunk or (unrolled_steps if unroll and unrolled_steps else -(-steps_per_epoch // 10))
     return max(1, min(chunk, steps_per_epoch)), bool(unroll)
 
 
@@ -215,25 +278,27 @@ def epoch_key(seed: int, epoch: int):
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
 
 
+@partial(jax.jit, static_argnums=(1, 2))
 def epoch_batches(key, n: int, batch_size: int):
     """A fresh random permutation of the n examples, as batches."""
     return as_batches(jax.random.permutation(key, n), batch_size)
 
 
-def evaluate(params, images, labels, *, apply_fn, normalize, batch_size: int):
+def evaluate(params, images, labels, inputs: dict, *, apply_fn, batch_size: int):
     """Mean cross-entropy and accuracy over a whole split (batched forward passes)."""
     n = len(labels)
     idx, weights = as_batches(jnp.arange(n), min(batch_size, n))
-    loss_sum, correct = _evaluate(params, images, labels, idx, weights, apply_fn=apply_fn, normalize=normalize)
+    loss_sum, correct = _evaluate(params, images, labels, idx, weights, inputs, apply_fn=apply_fn)
     return float(loss_sum) / n, float(correct) / n
 
 
-@partial(jax.jit, static_argnames=("apply_fn", "normalize"))
-def _evaluate(params, images, labels, idx, weights, *, apply_fn, normalize):
+@partial(jax.jit, static_argnames=("apply_fn",))
+def _evaluate(params, images, labels, idx, weights, inputs, *, apply_fn):
     def body(carry, iw):
         i, w = iw
         y = labels[i]
-        loss_sum, logits = batched_loss_and_outputs(apply_fn, params, normalize(images[i]), y, w, reduction="sum")
+        loss_sum, logits = batched_loss_and_outputs(apply_fn, params, normalize(images[i], inputs), y, w,
+                                                    reduction="sum")
         return (carry[0] + loss_sum, carry[1] + jnp.sum(w * (jnp.argmax(logits, -1) == y))), None
 
     (loss_sum, correct), _ = jax.lax.scan(body, (0.0, 0.0), (idx, weights))
@@ -254,8 +319,12 @@ class RunFiles:
             raise JaxbatchError(f"output folder {self.dir} is a file; pass --out a folder path")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics = self.dir / "metrics.jsonl"
-        self.metrics.unlink(missing_ok=True)  # a new run starts a new log
-        self._write_atomic("config.json", json.dumps(dataclasses.asdict(config), indent=2).encode())
+        # A new run starts a new log, and a previous run's parameters must not
+        # sit beside this run's config.json as if they were its own.
+        self.metrics.unlink(missing_ok=True)
+        (self.dir / "params.msgpack").unlink(missing_ok=True)
+        record = {**dataclasses.asdict(config), "environment": environment()}
+        self._write_atomic("config.json", json.dumps(record, indent=2).encode())
 
     def _write_atomic(self, name: str, payload: bytes) -> None:
         write_atomic(self.dir / name, lambda tmp: tmp.write_bytes(payload))
@@ -270,6 +339,14 @@ class RunFiles:
             self._write_atomic("params.msgpack", serialization.to_bytes(params))
 
 
+def environment() -> dict:
+    """What the run ran on: JAX, the backend and device, and the float32
+    matrix-product precision in force (TF32 on NVIDIA GPUs and bfloat16 passes
+    on TPUs by default; see jaxbatch/precision.py)."""
+    device = jax.devices()[0]
+    return {"jax": jax.__version__, "device_kind": device.device_kind, **matmul_precision()}
+
+
 def prepare_data(config: TrainConfig, train_ds=None, test_ds=None):
     """Load (or take) the two splits and check the model can take the images."""
     if train_ds is None:
@@ -282,9 +359,67 @@ def prepare_data(config: TrainConfig, train_ds=None, test_ds=None):
 
 
 def init_params(config: TrainConfig, image_shape):
-    model = get_model(config.model)
-    init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    return model.init(init_key, jnp.zeros(image_shape, jnp.float32))
+    """The model's initial parameters for `config.seed` (jitted: Flax's init
+    run eagerly dispatches every operation one by one)."""
+    return _init(get_model(config.model).init, jax.random.fold_in(jax.random.key(config.seed), 0),
+                 tuple(image_shape))
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _init(init_fn, key, image_shape):
+    return init_fn(key, jnp.zeros(image_shape, jnp.float32))
+
+
+class Progress:
+    """Reads each chunk's summary on the host one chunk late, so the device is
+    never idle while Python looks: `push` a chunk just launched and get the
+    previous one read. Raises Diverged at the exact step that went bad."""
+
+    def __init__(self, config: TrainConfig, notify):
+        self.config, self.notify = config, notify
+        self.pending = None
+        self.last_finite = None
+        self.steps: list = []  # with config.record_steps
+
+    def start_epoch(self, epoch: int, steps: int):
+        self.epoch, self.epoch_steps = epoch, steps
+        self.loss_sum = self.correct = self.seen = 0.0
+        self.notify({"kind": "epoch_start", "epoch": epoch, "steps": steps})
+
+    def push(self, start: int, stop: int, summary, trace):
+        self.flush()
+        self.pending = (start, stop, summary, trace)
+
+    def flush(self):
+        """Wait for the chunk launched last and account for it."""
+        if self.pending is None:
+            return
+        start, stop, summary, trace = self.pending
+        self.pending = None
+        s = jax.device_get(summary)  # the one place the host waits for the device
+        if trace is not None:
+            self._record(jax.device_get(trace))
+        first = int(s["first_bad"])
+        if first >= 0:
+            last_good = float(s["before_bad"]) if first > 0 else self.last_finite
+            err = Diverged(self.epoch, start + first + 1, float(s["bad_loss"]), last_good, self.config)
+            err.steps = self.steps
+            raise err
+        self.last_finite = float(s["last_loss"])
+        self.loss_sum += float(s["loss_sum"])
+        self.correct += float(s["correct"])
+        self.seen += float(s["count"])
+        self.notify({"kind": "chunk", "epoch": self.epoch, "step": stop, "steps": self.epoch_steps,
+                     "loss": self.last_finite})
+
+    def _record(self, trace):
+        for i, loss in enumerate(trace["loss"]):
+            if len(self.steps) < self.config.record_steps:
+                finite = bool(np.isfinite(loss))
+                self.steps.append({
+                    "loss": float(loss) if finite else None,
+                    "zero_output_fraction": float(trace["zero_output_fraction"][i]) if finite else None,
+                    "grad_norm": {k: float(v[i]) if finite else None for k, v in trace["grad_norm"].items()}})
 
 
 def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=None,
@@ -292,9 +427,10 @@ def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=
     """Train `config.model` on `config.dataset` and evaluate on the test split
     after every epoch. `params`, if given, replaces the model's initialisation.
 
-    `on_progress(event)` receives {"kind": "start", ...} once, {"kind": "chunk",
-    "epoch", "step", "steps", "loss"} after every chunk of steps and
-    {"kind": "epoch", **metrics} after every epoch.
+    `on_progress(event)` receives {"kind": "start", ...} once, then per epoch
+    {"kind": "epoch_start", "epoch", "steps"}, {"kind": "chunk", "epoch",
+    "step", "steps", "loss"} as each chunk of steps is accounted for, and
+    {"kind": "epoch", **metrics}.
     """
     validate(config)
     train_ds, test_ds = prepare_data(config, train_ds, test_ds)
@@ -307,61 +443,55 @@ def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    chunk, unroll = chunk_plan(config, steps_per_epoch, model.convolutional)
+
+    # The chunks donate their input state to their output (no second copy of
+    # the parameters on the device), so the caller's own arrays are copied first.
+    params = init_params(config, train_ds.image_shape) if params is None else jax.tree.map(jnp.copy, params)
+    example = jnp.zeros(train_ds.image_shape, jnp.float32)
+    chunk, unroll = chunk_plan(config, steps_per_epoch, backends.has_convolution(model.apply, params, example))
 
     stats = channel_stats(train_ds.images, config.input_scale) if config.standardize else (None, None)
-    normalize = make_normalize(config.input_scale, *stats)
-    schedule = make_schedule(config.schedule, config.lr, config.warmup_steps, total_steps)
-    optimizer = make_optimizer(config.optimizer, schedule, config.momentum, config.nesterov, config.weight_decay)
-    if params is None:
-        params = init_params(config, train_ds.image_shape)
-    state = (params, optimizer.init(params))
-
-    step_fn = partial(train_step, apply_fn=model.apply, optimizer=optimizer, loss_mode=config.loss,
-                      reduction=config.loss_reduction, normalize=normalize)
-    chunk_fn = jax.jit(partial(run_chunk, step_fn=step_fn, unroll=unroll), donate_argnums=0)
-    eval_fn = partial(evaluate, apply_fn=model.apply, normalize=normalize, batch_size=config.eval_batch_size)
+    structure, optimizer_numbers = optimizer_settings(config, total_steps)
+    numbers = {"inputs": input_numbers(config.input_scale, *stats), "optimizer": optimizer_numbers,
+               "max_loss": jnp.asarray(config.max_loss, jnp.float32)}
+    state = (params, optim.build(structure, optimizer_numbers).init(params))
+    chunk_fn = partial(run_chunk, apply_fn=model.apply, batch_loss=LOSSES[config.loss], optimizer=structure,
+                       reduction=config.loss_reduction, unroll=unroll, record=config.record_steps > 0)
 
     # The data goes to the device once, as uint8.
-    train_x, train_y = jax.device_put(train_ds.images), jax.device_put(train_ds.labels)
+    train_data = (jax.device_put(train_ds.images), jax.device_put(train_ds.labels))
     test_x, test_y = jax.device_put(test_ds.images), jax.device_put(test_ds.labels)
 
     notify({"kind": "start", "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "train_size": n, "test_size": len(test_ds)})
-    history, done, last_finite = [], 0, None
+    progress = Progress(config, notify)
+    history, done = [], 0
     for epoch in range(1, config.epochs + 1):
         if done >= total_steps:
             break
         t0 = time.perf_counter()
-        idx, weights = epoch_batches(epoch_key(config.seed, epoch), n, config.batch_size)
         epoch_steps = min(steps_per_epoch, total_steps - done)
-        loss_sum = correct_sum = seen = 0.0
+        progress.start_epoch(epoch, epoch_steps)
+        idx, weights = epoch_batches(epoch_key(config.seed, epoch), n, config.batch_size)
         for start in range(0, epoch_steps, chunk):
             stop = min(start + chunk, epoch_steps)
-            state, (losses, correct, counts) = chunk_fn(state, train_x, train_y, idx[start:stop], weights[start:stop])
-            losses, correct, counts = np.asarray(losses), np.asarray(correct), np.asarray(counts)
-            bad = np.flatnonzero(~(np.abs(losses) <= config.max_loss))  # NaN compares False
-            if bad.size:
-                good = losses[: bad[0]]
-                last_finite = float(good[-1]) if good.size else last_finite
-                raise Diverged(epoch, start + int(bad[0]) + 1, float(losses[bad[0]]), last_finite, config)
-            last_finite = float(losses[-1])
-            loss_sum += float(np.sum(losses * counts))
-            correct_sum += float(np.sum(correct))
-            seen += float(np.sum(counts))
-            notify({"kind": "chunk", "epoch": epoch, "step": stop, "steps": epoch_steps, "loss": last_finite})
+            state, summary, trace = chunk_fn(state, train_data, idx[start:stop], weights[start:stop], numbers)
+            progress.push(start, stop, summary, trace)
+        progress.flush()
         done += epoch_steps
         jax.block_until_ready(state)
         train_time = time.perf_counter() - t0
-        test_loss, test_acc = eval_fn(state[0], test_x, test_y)
+        test_loss, test_acc = evaluate(state[0], test_x, test_y, numbers["inputs"], apply_fn=model.apply,
+                                       batch_size=config.eval_batch_size)
         record = {
-            "epoch": epoch, "steps": done, "examples_seen": int(seen),
-            "train_loss": loss_sum / seen, "train_accuracy": correct_sum / seen,
+            "epoch": epoch, "steps": done, "examples_seen": int(progress.seen),
+            "train_loss": progress.loss_sum / progress.seen, "train_accuracy": progress.correct / progress.seen,
             "test_loss": test_loss, "test_accuracy": test_acc,
-            "epoch_time_s": train_time, "lr_end": float(schedule(done)),
+            "epoch_time_s": train_time,
+            "lr_end": float(optim.make_schedule(config.schedule, config.lr, config.warmup_steps, total_steps)(done)),
         }
         history.append(record)
         files.epoch(record)
         notify({"kind": "epoch", **record})
     files.params(state[0])
-    return TrainResult(state[0], history)
+    return TrainResult(state[0], history, progress.steps)

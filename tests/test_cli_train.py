@@ -42,6 +42,10 @@ def test_recipe_flags_are_overridden_by_explicit_flags(tmp_path):
     (["--lr", "-0.1"], "must be greater than 0"),
     (["--model", "lenet5", "--dataset", "digits"], "lenet5 takes 32x32 images"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    # the library names the setting (batch_size); the command line shows its flag
+    (["--batch-size", "5000"], "pass a smaller --batch-size"),
+    (["--schedule", "warmup"], "needs --warmup-steps of 1 or more"),
+    (["--nesterov", "--momentum", "0"], "--nesterov needs optimizer sgd"),
     (["--input-scale", "255", "--model", "fc_nobias", "--batch-size", "250"], "training diverged"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, argv, match):
@@ -55,3 +59,10 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, argv, match):
     assert len(err.splitlines()) == 1, err
     assert match in err
     assert not (out / "params.msgpack").exists()
+
+
+def test_epoch_times_keep_three_figures():
+    from jaxbatch.cli.train import format_seconds
+
+    assert [format_seconds(t) for t in (123.4, 9.412, 0.00581, 0.0000123)] == ["123 s", "9.41 s", "5.81 ms",
+                                                                                 "12.3 us"]

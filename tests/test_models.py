@@ -85,16 +85,32 @@ def test_unknown_model_is_one_clear_error():
 
 
 @pytest.mark.parametrize("shape", [(8, 8, 3), (4, 7, 9, 2), (2, 3, 6, 6, 1)])
-def test_max_pool_matches_flax_values_and_gradients_ties_included(shape):
-    import flax.linen as nn
-
-    from jaxbatch.models.conv import max_pool
+def test_mask_max_pool_matches_flax_values_and_gradients_ties_included(shape):
+    # The two pools jaxbatch/backends.py chooses between compute the same numbers.
+    from jaxbatch.models.conv import flax_max_pool, mask_max_pool
 
     x = jax.random.normal(jax.random.key(0), shape)
     x = jnp.where(x < 0.3, 0.0, x)  # many zeros: windows whose maximum is tied, as after a ReLU
-    flax_pool = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))  # noqa: E731
-    np.testing.assert_array_equal(max_pool(x), flax_pool(x))
-    cotangent = jax.random.normal(jax.random.key(1), max_pool(x).shape)
-    ours = jax.vjp(max_pool, x)[1](cotangent)[0]
-    theirs = jax.vjp(flax_pool, x)[1](cotangent)[0]
+    pool_mask, pool_flax = jax.jit(mask_max_pool), jax.jit(flax_max_pool)
+    np.testing.assert_array_equal(pool_mask(x), pool_flax(x))
+    cotangent = jax.random.normal(jax.random.key(1), pool_mask(x).shape)
+    ours = jax.jit(lambda x, c: jax.vjp(mask_max_pool, x)[1](c)[0])(x, cotangent)
+    theirs = jax.jit(lambda x, c: jax.vjp(flax_max_pool, x)[1](c)[0])(x, cotangent)
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_cnn_gradients_are_the_same_with_either_backends_pool(monkeypatch):
+    from jaxbatch import backends, losses
+
+    assert backends.choices("cpu").mask_max_pool and not backends.choices("gpu").mask_max_pool
+    model = get_model("cnn")
+    params = model.init(jax.random.key(0), jnp.zeros((28, 28, 1)))
+    xs = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+    ys = jnp.arange(4)
+    real, grads = backends.choices, {}
+    for backend in ("cpu", "gpu"):
+        # models read the choice while being traced; a new lambda is a new trace
+        monkeypatch.setattr(backends, "choices", lambda b=None, chosen=backend: real(chosen))
+        grads[backend] = jax.jit(lambda p: losses.batched_grad(model.apply, p, xs, ys))(params)
+    for a, b in zip(jax.tree.leaves(grads["cpu"]), jax.tree.leaves(grads["gpu"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

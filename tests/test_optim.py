@@ -74,5 +74,5 @@ def test_bad_optimizer_settings_are_clear_errors():
         make_optimizer("rmsprop", 0.1)
     with pytest.raises(JaxbatchError, match="nesterov"):
         make_optimizer("sgd", 0.1, momentum=0.0, nesterov=True)
-    with pytest.raises(JaxbatchError, match="warmup-steps"):
+    with pytest.raises(JaxbatchError, match="warmup_steps"):
         make_schedule("warmup", 0.1, warmup_steps=0)

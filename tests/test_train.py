@@ -5,13 +5,10 @@ import numpy as np
 import pytest
 from flax import serialization
 
+from jaxbatch import train
 from jaxbatch.errors import JaxbatchError
+from jaxbatch.precision import relative_difference as rel_diff
 from jaxbatch.train import Diverged, TrainConfig, init_params, train_and_evaluate
-
-
-def rel_diff(a, b):
-    return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-30))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def test_default_training_on_digits_reaches_090(tmp_path):
@@ -97,7 +94,9 @@ def test_divergence_stops_with_one_clear_error(tmp_path):
     (dict(batch_size=5000), "larger than the 1347 training examples"),
     (dict(model="lenet5"), "32x32"),
     (dict(lr=-0.1), "learning rate"),
-    (dict(batch_size=0), "batch-size"),
+    (dict(batch_size=0), "batch_size must be 1 or more"),
+    (dict(record_steps=-1), "record_steps must be 0 or more"),
+    (dict(schedule="warmup"), "warmup_steps of 1 or more"),
     (dict(loss="perexample"), "unknown loss mode"),
     (dict(dataset="imagenet"), "unknown dataset"),
 ])
@@ -130,16 +129,32 @@ def test_nan_loss_is_divergence_too():
     assert not np.isfinite(info.value.loss)
 
 
-def test_chunk_plan_unrolls_convolutional_models_on_cpu_only():
-    import jax
+def test_chunk_plan_is_decided_by_the_backend():
+    from jaxbatch.train import chunk_plan
 
-    from jaxbatch.train import UNROLLED_CHUNK, chunk_plan
-
-    on_cpu = jax.default_backend() == "cpu"
-    assert chunk_plan(TrainConfig(model="cnn"), 1200, True) == ((UNROLLED_CHUNK, True) if on_cpu else (120, False))
-    assert chunk_plan(TrainConfig(), 235, False) == (24, False)
-    assert chunk_plan(TrainConfig(unroll=False, steps_per_chunk=50), 1200, True) == (50, False)
+    # XLA:CPU: a model with a convolution scans 8 steps at a time, unrolled (jaxbatch/backends.py)
+    assert chunk_plan(TrainConfig(model="cnn"), 1200, True, backend="cpu") == (8, True)
+    assert chunk_plan(TrainConfig(), 235, False, backend="cpu") == (24, False)
+    # GPU and TPU: the plain path, rolled scans of about a tenth of an epoch
+    for backend in ("gpu", "tpu"):
+        assert chunk_plan(TrainConfig(model="cnn"), 1200, True, backend=backend) == (120, False)
+    assert chunk_plan(TrainConfig(unroll=False, steps_per_chunk=50), 1200, True, backend="cpu") == (50, False)
     assert chunk_plan(TrainConfig(steps_per_chunk=500), 43, False) == (43, False)
+
+
+def test_models_with_a_convolution_are_found_from_their_program():
+    import jax.numpy as jnp
+
+    from jaxbatch.backends import has_convolution
+    from jaxbatch.models import MODELS, get_model
+
+    found = {}
+    for name in MODELS:
+        shape = (32, 32, 1) if name == "lenet5" else (28, 28, 1)
+        model = get_model(name)
+        params = init_params(TrainConfig(model=name), shape)
+        found[name] = has_convolution(model.apply, params, jnp.zeros(shape))
+    assert found == {"mlp": False, "mlp_scratch": False, "cnn": True, "lenet5": True, "fc_nobias": False}
 
 
 def test_unrolled_and_rolled_chunks_compute_the_same_training():
@@ -148,3 +163,61 @@ def test_unrolled_and_rolled_chunks_compute_the_same_training():
     unrolled = train_and_evaluate(TrainConfig(unroll=True, steps_per_chunk=4, **kw))
     assert rel_diff(rolled.params, unrolled.params) < 1e-6
     assert rolled.history[-1]["examples_seen"] == unrolled.history[-1]["examples_seen"] == 12 * 64
+
+
+def test_a_second_identical_run_and_a_learning_rate_sweep_compile_nothing():
+    config = TrainConfig(epochs=1, batch_size=64)
+    train_and_evaluate(config)
+    sizes = (train.run_chunk._cache_size(), train._evaluate._cache_size())
+    train_and_evaluate(config)
+    train_and_evaluate(TrainConfig(epochs=1, batch_size=64, lr=0.01, seed=3, input_scale=2.0))
+    assert (train.run_chunk._cache_size(), train._evaluate._cache_size()) == sizes
+
+
+@pytest.mark.parametrize("steps_per_chunk", [1, 3, 7])
+def test_divergence_step_is_exact_whatever_the_chunk(steps_per_chunk):
+    config = TrainConfig(model="fc_nobias", input_scale=255.0, lr=0.05, momentum=0.9, batch_size=50, epochs=1)
+    with pytest.raises(Diverged) as reference:
+        train_and_evaluate(TrainConfig(**{**config.__dict__, "steps_per_chunk": 1}))
+    with pytest.raises(Diverged) as info:
+        train_and_evaluate(TrainConfig(**{**config.__dict__, "steps_per_chunk": steps_per_chunk}))
+    got, want = info.value, reference.value
+    assert (got.epoch, got.step, got.loss, got.last_finite_loss) == (want.epoch, want.step, want.loss,
+                                                                      want.last_finite_loss)
+    assert want.step > 1 and want.last_finite_loss is not None
+
+
+def test_progress_events_in_order():
+    events = []
+    train_and_evaluate(TrainConfig(epochs=2, batch_size=100), on_progress=events.append)
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "start"
+    for epoch in (1, 2):
+        mine = [e for e in events if e.get("epoch") == epoch]
+        assert mine[0]["kind"] == "epoch_start" and mine[-1]["kind"] == "epoch"
+        steps = [e["step"] for e in mine if e["kind"] == "chunk"]
+        assert steps == sorted(steps) and steps[-1] == 14 == mine[0]["steps"]
+
+
+def test_record_steps_keeps_the_first_steps_gradient_norms():
+    result = train_and_evaluate(TrainConfig(model="fc_nobias", epochs=1, batch_size=100, record_steps=5))
+    assert len(result.steps) == 5
+    assert set(result.steps[0]["grad_norm"]) == {"hidden/kernel", "out/kernel"}
+    assert all(s["grad_norm"]["hidden/kernel"] > 0 and s["loss"] > 0 for s in result.steps)
+    assert train_and_evaluate(TrainConfig(epochs=1)).steps == []
+
+
+def test_a_new_run_removes_the_previous_runs_parameters(tmp_path):
+    train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path)))
+    assert (tmp_path / "params.msgpack").exists()
+    with pytest.raises(Diverged):
+        train_and_evaluate(TrainConfig(epochs=1, lr=1e30, max_loss=float("inf"), out=str(tmp_path)))
+    assert not (tmp_path / "params.msgpack").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 1e30
+
+
+def test_config_records_the_precision_and_device(tmp_path):
+    train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path)))
+    env = json.loads((tmp_path / "config.json").read_text())["environment"]
+    assert env["backend"] == jax.default_backend() and env["matmul_precision"] == "default"
+    assert env["float32_matmul_means"] and env["device_kind"]

@@ -68,6 +68,15 @@ def build_config(args):
     return config
 
 
+def format_seconds(seconds: float) -> str:
+    """12.3 s, 1.23 s, 45.6 ms, 789 us: three significant figures, never 0.00 s."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale or unit == "us":
+            value = seconds / scale
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    raise AssertionError("unreachable")
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
@@ -83,10 +92,12 @@ def run(args) -> int:
                   f"{event['test_size']} test examples, batch {config.batch_size}, "
                   f"{event['steps_per_epoch']} steps per epoch, {config.optimizer} lr {config.lr:g}, "
                   f"loss {config.loss}", flush=True)
-        elif event["kind"] == "chunk" and not args.quiet:
-            if bar is None:
-                bar = tqdm(total=event["steps"], desc=f"epoch {event['epoch']}", unit="step",
-                           leave=False, file=sys.stderr)
+        elif event["kind"] == "epoch_start" and not args.quiet:
+            # Created before the epoch's first step is launched, so its rate
+            # counts the whole time the steps took (and compiling, in epoch 1).
+            bar = tqdm(total=event["steps"], desc=f"epoch {event['epoch']}", unit="step",
+                       leave=False, file=sys.stderr)
+        elif event["kind"] == "chunk" and bar is not None:
             bar.update(event["step"] - bar.n)
             bar.set_postfix(loss=f"{event['loss']:.4f}")
         elif event["kind"] == "epoch":
@@ -95,7 +106,7 @@ def run(args) -> int:
                 bar = None
             print(f"epoch {event['epoch']:3d}  train loss {event['train_loss']:.4f}  "
                   f"train acc {event['train_accuracy']:.4f}  test loss {event['test_loss']:.4f}  "
-                  f"test acc {event['test_accuracy']:.4f}  ({event['epoch_time_s']:.2f} s)", flush=True)
+                  f"test acc {event['test_accuracy']:.4f}  ({format_seconds(event['epoch_time_s'])})", flush=True)
 
     try:
         result = train_and_evaluate(config, on_progress=on_progress)

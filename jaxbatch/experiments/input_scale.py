@@ -27,18 +27,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxbatch import data as data_lib
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.experiments.report import format_table, new_figure
-from jaxbatch.losses import batched_loss_and_outputs
 from jaxbatch.models import get_model
-from jaxbatch.optim import make_optimizer
-from jaxbatch.train import (Diverged, TrainConfig, channel_stats, epoch_batches, epoch_key, init_params,
-                            make_normalize, train_and_evaluate)
+from jaxbatch.train import Diverged, TrainConfig, init_params, train_and_evaluate
 
 # row: (label, input scale, lr factor, initial-weight factor, standardise)
 ROWS = {
@@ -94,45 +89,23 @@ def row_params(train_config: TrainConfig, row: str, image_shape):
     return jax.tree.map(lambda w: w * factor, params)
 
 
-def gradient_norms(train_config: TrainConfig, params, train, steps: int) -> dict:
-    """Per-layer ||dL/dW|| and the loss over the first `steps` SGD steps of the
-    row's run: the same optimiser, the same initial weights and the same
-    batches that train_and_evaluate draws (seed -> epoch -> permutation).
-    Also the fraction of each batch whose logits are all exactly 0. Values
-    after the loss turns non-finite are None."""
-    model = get_model(train_config.model)
-    stats = channel_stats(train.images, train_config.input_scale) if train_config.standardize else (None, None)
-    normalize = make_normalize(train_config.input_scale, *stats)
-    optimizer = make_optimizer("sgd", train_config.lr, train_config.momentum, False, train_config.weight_decay)
-
-    @jax.jit
-    def step(state, pixels, labels):
-        params, opt_state = state
-        (loss, logits), grads = jax.value_and_grad(
-            lambda p: batched_loss_and_outputs(model.apply, p, normalize(pixels), labels), has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        norms = {jax.tree_util.keystr(path, simple=True, separator="/"): jnp.linalg.norm(g.ravel())
-                 for path, g in jax.tree_util.tree_leaves_with_path(grads)}
-        # Text C: "all outputs become zero" -- every ReLU of the hidden layer is off.
-        zero_outputs = jnp.mean(jnp.all(logits == 0, axis=-1))
-        return (optax.apply_updates(params, updates), opt_state), (loss, zero_outputs), norms
-
-    n, batch = len(train), train_config.batch_size
-    state, losses, zero_outputs, norms = (params, optimizer.init(params)), [], [], {}
-    epoch = 0
-    while len(losses) < steps:
-        epoch += 1
-        idx, _ = epoch_batches(epoch_key(train_config.seed, epoch), n, batch)  # as train_and_evaluate
-        for i in np.asarray(idx[: n // batch]):  # whole batches only
-            if len(losses) == steps:
-                break
-            state, (loss, zeros), step_norms = step(state, train.images[i], train.labels[i])
-            finite = bool(np.isfinite(loss)) and (not losses or losses[-1] is not None)
-            losses.append(float(loss) if finite else None)
-            zero_outputs.append(float(zeros) if finite else None)
-            for name, value in step_norms.items():
-                norms.setdefault(name, []).append(float(value) if finite else None)
-    return {"loss": losses, "zero_output_fraction": zero_outputs, "grad_norm": norms}
+def gradient_norms(train_config: TrainConfig, params, train, test, steps: int) -> dict:
+    """Per-layer ||dL/dW||, the loss, and the fraction of each batch whose
+    logits are all exactly 0, over the first `steps` steps of the row's run:
+    the training step itself reports them (TrainConfig.record_steps), on the
+    same initial weights and batches. Only NaN or inf stops this look (an
+    exploding but finite loss is what it is meant to show); values from the
+    first non-finite loss on are None."""
+    config = dataclasses.replace(train_config, max_steps=steps, max_loss=float("inf"), record_steps=steps,
+                                 epochs=max(train_config.epochs, -(-steps * train_config.batch_size // len(train))))
+    try:
+        recorded = train_and_evaluate(config, params=params, train_ds=train, test_ds=test).steps
+    except Diverged as err:  # a NaN or inf loss: the steps before it, then None
+        recorded = err.steps
+    pad = [None] * (steps - len(recorded))  # steps never reached
+    return {"loss": [r["loss"] for r in recorded] + pad,
+            "zero_output_fraction": [r["zero_output_fraction"] for r in recorded] + pad,
+            "grad_norm": {k: [r["grad_norm"][k] for r in recorded] + pad for k in recorded[0]["grad_norm"]}}
 
 
 def run(config: Config, on_progress=None) -> dict:
@@ -149,7 +122,7 @@ def run(config: Config, on_progress=None) -> dict:
         on_progress(f"({row}) {label}: first {config.grad_steps} steps' gradient norms")
         record = {"label": label, "lr": train_config.lr, "input_scale": train_config.input_scale,
                   "init_factor": ROWS[row][3], "standardize": train_config.standardize,
-                  "first_steps": gradient_norms(train_config, params, train, config.grad_steps)}
+                  "first_steps": gradient_norms(train_config, params, train, test, config.grad_steps)}
         history = []
 
         def collect(event):

@@ -46,7 +46,7 @@ from jaxbatch.errors import JaxbatchError
 from jaxbatch.experiments.report import format_table, new_figure
 from jaxbatch.losses import batched_loss, per_example_grads
 from jaxbatch.models import get_model
-from jaxbatch.train import TrainConfig, init_params, make_normalize, train_and_evaluate
+from jaxbatch.train import TrainConfig, init_params, input_numbers, normalize, train_and_evaluate
 
 SAMPLING = ("with_replacement", "without_replacement")
 POINTS = ("init", "after_training")
@@ -98,18 +98,18 @@ def make_gradient_moments(apply_fn, images, labels, chunk: int, examples: int, s
     small datasets, an unbiased estimate for large ones, where every g_i of
     a chunk must exist at once (chunk x P numbers).
     """
-    normalize = make_normalize(1.0)
+    inputs = input_numbers(1.0)
     n = len(labels)
     images, labels = jax.device_put(images), jax.device_put(labels)
 
     @jax.jit
     def grad_sum(params, idx, weights):
-        return jax.grad(lambda p: batched_loss(apply_fn, p, normalize(images[idx]), labels[idx],
+        return jax.grad(lambda p: batched_loss(apply_fn, p, normalize(images[idx], inputs), labels[idx],
                                                weights, reduction="sum"))(params)
 
     @jax.jit
     def deviation_sum(params, g, idx, weights):
-        grads = per_example_grads(apply_fn, params, normalize(images[idx]), labels[idx])
+        grads = per_example_grads(apply_fn, params, normalize(images[idx], inputs), labels[idx])
         per_example = sum(jnp.sum((gi - gl) ** 2, axis=tuple(range(1, gi.ndim)))
                           for gi, gl in zip(jax.tree.leaves(grads), jax.tree.leaves(g)))
         return weights @ per_example
@@ -140,11 +140,11 @@ def make_gradient_moments(apply_fn, images, labels, chunk: int, examples: int, s
 
 def make_squared_errors(apply_fn, images, labels):
     """f(params, g, idx (R, B)) -> ||g_B - g||^2 for each of the R batches."""
-    normalize = make_normalize(1.0)
+    inputs = input_numbers(1.0)
     images, labels = jax.device_put(images), jax.device_put(labels)
 
     def one(params, g, idx):
-        grad = jax.grad(lambda p: batched_loss(apply_fn, p, normalize(images[idx]), labels[idx]))(params)
+        grad = jax.grad(lambda p: batched_loss(apply_fn, p, normalize(images[idx], inputs), labels[idx]))(params)
         diff = ravel_pytree(grad)[0] - g
         return diff @ diff
 

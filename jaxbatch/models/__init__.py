@@ -20,18 +20,17 @@ class Model(NamedTuple):
     init: Callable[..., Any]  # (key, x_example) -> params
     apply: Callable[..., Any]  # (params, x) -> logits
     check_image_shape: Callable[[tuple], None] = lambda shape: None
-    convolutional: bool = False  # train.chunk_plan: how XLA:CPU should run its steps
 
 
-def _flax(name, module, check=lambda shape: None, convolutional=False):
-    return Model(name, module.init, module.apply, check, convolutional)
+def _flax(name, module, check=lambda shape: None):
+    return Model(name, module.init, module.apply, check)
 
 
 MODELS: dict[str, Model] = {
     "mlp": _flax("mlp", mlp.MLP()),
     "mlp_scratch": Model("mlp_scratch", mlp.mlp_scratch_init, mlp.mlp_scratch_apply),
-    "cnn": _flax("cnn", cnn.CNN(), convolutional=True),
-    "lenet5": _flax("lenet5", lenet5.LeNet5(), lenet5.check_image_shape, convolutional=True),
+    "cnn": _flax("cnn", cnn.CNN()),
+    "lenet5": _flax("lenet5", lenet5.LeNet5(), lenet5.check_image_shape),
     "fc_nobias": _flax("fc_nobias", fc_nobias.FCNoBias()),
 }
 

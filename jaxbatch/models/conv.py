@@ -23,26 +23,48 @@ Building the 25x larger patch array costs more than the whole convolution.
 XLA's CPU options (oneDNN, XNNPACK fusions, YNNPACK off for dots) changed
 the steps by less than the run-to-run noise.
 
+Which pool a model uses is decided by the backend, in jaxbatch/backends.py:
+the mask version on CPU, where it was measured, `flax.linen.max_pool`
+elsewhere.
+
 One trap remains outside this file: inside a loop body (lax.scan, lax.map, a
 while loop) XLA's CPU backend leaves the convolutions that autodiff derives
 in non-canonical layouts and runs them as plain loops; a cnn training step
 (Adam, batch 50) took 152 ms in a scan against 8 ms jitted alone and called
 from Python. Writing the backward pass out (jax.custom_vjp) fixed the loop
 (14 ms) but doubled the vmap-mean step and lost forward-mode autodiff, so
-the models keep autodiff; on CPU, step loops are best driven from Python
-(docs/bench.md).
+the models keep autodiff; on CPU, training unrolls its step loops for models with a convolution
+(jaxbatch/backends.py, docs/bench.md).
 """
 
 from __future__ import annotations
 
 from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxbatch import backends
+
+
+def max_pool(x, window: int = 2):
+    """Non-overlapping `window` x `window` max pool of (..., H, W, C): one
+    example or a batch. The mask version below on backends where XLA's own
+    gradient is slow (jaxbatch/backends.py), `flax.linen.max_pool` elsewhere;
+    both compute the same values and gradients."""
+    if backends.choices().mask_max_pool:
+        return mask_max_pool(x, window)
+    return flax_max_pool(x, window)
+
+
+def flax_max_pool(x, window: int = 2):
+    """`flax.linen.max_pool` with stride = window, for one example or a batch."""
+    return nn.max_pool(x, (window, window), strides=(window, window))
+
 
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
-def max_pool(x, window: int = 2):
+def mask_max_pool(x, window: int = 2):
     """Non-overlapping `window` x `window` max pool of (..., H, W, C), any
     number of leading axes (one example or a batch):
 
@@ -62,7 +84,7 @@ def _windows(x, window):
     return x.reshape(*lead, h // window, window, w // window, window, c)
 
 
-@max_pool.defjvp
+@mask_max_pool.defjvp
 def _max_pool_jvp(window, primals, tangents):
     """dy = dx at the FIRST maximum of each window (row-major order), zero
     elsewhere: the subgradient `select_and_scatter_add` picks for
