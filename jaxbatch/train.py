@@ -32,6 +32,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import serialization
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxbatch import backends, optim
 from jaxbatch import data as data_lib
@@ -52,12 +55,13 @@ from jaxbatch.atomic import write_atomic
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.losses import batched_loss_and_outputs, vmap_loss_and_outputs
 from jaxbatch.models import get_model
-from jaxbatch.precision import matmul_precision
+from jaxbatch.precision import enable_x64, matmul_precision
 
 # --loss: which batch loss the step differentiates (both return (L_B, outputs)).
 LOSSES = {"vmap": vmap_loss_and_outputs, "batched": batched_loss_and_outputs}
 LOSS_MODES = tuple(LOSSES)
 REDUCTIONS = ("mean", "sum")
+DTYPES = ("float32", "float64")
 
 
 @dataclasses.dataclass
@@ -85,6 +89,8 @@ class TrainConfig:
     steps_per_chunk: int | None = None  # steps per lax.scan call; None: see chunk_plan
     unroll: bool | None = None  # unroll each chunk's scan; None: see chunk_plan
     record_steps: int = 0  # keep loss and per-layer gradient norms of the first N steps (TrainResult.steps)
+    devices: int | None = None  # data-parallel over the first N devices (None: every device there is)
+    dtype: str = "float32"  # parameters and inputs; "float64" for checks that need more digits
     eval_batch_size: int = 1000
     # A step loss above this counts as divergence, like NaN or inf. Chance-level
     # cross-entropy is ln(10) = 2.3; a loss of 1e4 means logits 1e4 apart: the
@@ -137,6 +143,10 @@ def validate(config: TrainConfig) -> None:
             raise JaxbatchError(f"{{setting}} must be 0 or more, got {getattr(config, field)}", setting=field)
     if not config.max_loss > 0:
         raise JaxbatchError(f"{{setting}} must be greater than 0, got {config.max_loss}", setting="max_loss")
+    if config.dtype not in DTYPES:
+        raise JaxbatchError(f"unknown dtype {config.dtype!r}; choose one of: {', '.join(DTYPES)}", setting="dtype")
+    if config.devices is not None and config.devices < 1:
+        raise JaxbatchError(f"{{setting}} must be 1 or more, got {config.devices}", setting="devices")
     if config.max_steps is not None and config.max_steps < 1:
         raise JaxbatchError(f"{{setting}} must be 1 or more, got {config.max_steps}", setting="max_steps")
     optim.check_schedule(config.schedule, config.warmup_steps)
@@ -154,19 +164,19 @@ def optimizer_settings(config: TrainConfig, total_steps: int):
 # ---- the pieces of one step -------------------------------------------------
 
 
-def input_numbers(input_scale: float, mean=None, std=None) -> dict:
+def input_numbers(input_scale: float, mean=None, std=None, dtype="float32") -> dict:
     """The numbers that turn uint8 pixels into model inputs (see `normalize`),
-    as arrays a jitted step takes as an argument."""
-    numbers = {"scale": jnp.asarray(input_scale / 255.0, jnp.float32)}
+    as arrays a jitted step takes as an argument; their dtype is the inputs'."""
+    numbers = {"scale": np.asarray(input_scale / 255.0, dtype)}
     if mean is not None:
-        numbers.update(mean=jnp.asarray(mean, jnp.float32), std=jnp.asarray(std, jnp.float32))
+        numbers.update(mean=np.asarray(mean, dtype), std=np.asarray(std, dtype))
     return numbers
 
 
 def normalize(pixels, numbers: dict):
-    """uint8 pixels -> float32 inputs, inside the jitted step:
+    """uint8 pixels -> float inputs, inside the jitted step:
     x = p / 255 * input_scale, then (x - mean) / std per channel if given."""
-    x = pixels.astype(jnp.float32) * numbers["scale"]
+    x = pixels.astype(numbers["scale"].dtype) * numbers["scale"]
     if "mean" in numbers:
         x = (x - numbers["mean"]) / numbers["std"]
     return x
@@ -284,11 +294,16 @@ def epoch_batches(key, n: int, batch_size: int):
     return as_batches(jax.random.permutation(key, n), batch_size)
 
 
-def evaluate(params, images, labels, inputs: dict, *, apply_fn, batch_size: int):
-    """Mean cross-entropy and accuracy over a whole split (batched forward passes)."""
-    n = len(labels)
-    idx, weights = as_batches(jnp.arange(n), min(batch_size, n))
-    loss_sum, correct = _evaluate(params, images, labels, idx, weights, inputs, apply_fn=apply_fn)
+def evaluate(params, images, labels, inputs: dict, *, apply_fn, batch_size: int, mesh=None):
+    """Mean cross-entropy and accuracy over a whole split (batched forward
+    passes), each batch shared among the mesh's devices."""
+    n = labels.shape[0]
+    devices = 1 if mesh is None else mesh.size
+    batch_size = -(-min(batch_size, n) // devices) * devices  # padded to share evenly
+    idx, weights = (np.asarray(a) for a in as_batches(jnp.arange(n), batch_size))
+    if mesh is not None:
+        idx, weights = place((idx, weights), by_example(mesh))
+    loss_sum, correct = fetch(_evaluate(params, images, labels, idx, weights, inputs, apply_fn=apply_fn))
     return float(loss_sum) / n, float(correct) / n
 
 
@@ -305,14 +320,64 @@ def _evaluate(params, images, labels, idx, weights, inputs, *, apply_fn):
     return loss_sum, correct
 
 
+# ---- devices: one program, the batch shared along a "data" mesh axis ----------
+
+
+def data_mesh(devices: int | None = None) -> Mesh:
+    """A one-axis mesh ("data") over the first `devices` devices (default:
+    all, across every process). Parameters are replicated on it and each
+    step's batch is split along it; XLA inserts the all-reduce that averages
+    the gradient, so the step's code is the same for 1 device or 256."""
+    available = jax.devices()
+    n = len(available) if devices is None else devices
+    if n > len(available):
+        raise JaxbatchError(f"{{setting}} {n} asks for more devices than the {len(available)} "
+                            f"{available[0].platform} devices here", setting="devices")
+    # Auto axes: XLA propagates the shardings (Explicit is jax.make_mesh's default).
+    return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=available[:n])
+
+
+def check_divides(batch_size: int, mesh: Mesh) -> None:
+    if batch_size % mesh.size:
+        raise JaxbatchError(f"batch size {batch_size} does not split evenly over {mesh.size} devices; pass a "
+                            f"{{setting}} that is a multiple of {mesh.size}, or fewer --devices", setting="batch_size")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def by_example(mesh: Mesh) -> NamedSharding:
+    """(steps, B) index and weight arrays: each device gets B / K columns."""
+    return NamedSharding(mesh, P(None, "data"))
+
+
+def place(tree, sharding):
+    """Host values -> global arrays laid out by `sharding`. Each process
+    supplies only the pieces its own devices hold, so with several processes
+    each one feeds its own slice of every global batch."""
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
+
+
+def fetch(tree):
+    """Replicated global arrays -> host numpy, read from this process's first
+    copy (with several processes the whole array is not addressable here)."""
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+
 # ---- the whole run ----------------------------------------------------------
 
 
 class RunFiles:
-    """metrics.jsonl (one line per epoch, appended as it ends), config.json, params.msgpack."""
+    """metrics.jsonl (one line per epoch, appended as it ends), config.json,
+    params.msgpack. With several processes only process 0 writes."""
 
-    def __init__(self, out: str | None, config: TrainConfig):
-        self.dir = Path(out) if out else None
+    def __init__(self, out: str | None, config: TrainConfig, environment: dict):
+        self.dir = Path(out) if out and jax.process_index() == 0 else None
         if self.dir is None:
             return
         if self.dir.exists() and not self.dir.is_dir():
@@ -323,7 +388,7 @@ class RunFiles:
         # sit beside this run's config.json as if they were its own.
         self.metrics.unlink(missing_ok=True)
         (self.dir / "params.msgpack").unlink(missing_ok=True)
-        record = {**dataclasses.asdict(config), "environment": environment()}
+        record = {**dataclasses.asdict(config), "environment": environment}
         self._write_atomic("config.json", json.dumps(record, indent=2).encode())
 
     def _write_atomic(self, name: str, payload: bytes) -> None:
@@ -339,12 +404,13 @@ class RunFiles:
             self._write_atomic("params.msgpack", serialization.to_bytes(params))
 
 
-def environment() -> dict:
-    """What the run ran on: JAX, the backend and device, and the float32
+def environment(mesh: Mesh) -> dict:
+    """What the run ran on: JAX, the devices and processes, and the float32
     matrix-product precision in force (TF32 on NVIDIA GPUs and bfloat16 passes
     on TPUs by default; see jaxbatch/precision.py)."""
-    device = jax.devices()[0]
-    return {"jax": jax.__version__, "device_kind": device.device_kind, **matmul_precision()}
+    device = mesh.devices.flat[0]
+    return {"jax": jax.__version__, "devices": mesh.size, "device_kind": device.device_kind,
+            "processes": jax.process_count(), **matmul_precision()}
 
 
 def prepare_data(config: TrainConfig, train_ds=None, test_ds=None):
@@ -393,9 +459,9 @@ class Progress:
             return
         start, stop, summary, trace = self.pending
         self.pending = None
-        s = jax.device_get(summary)  # the one place the host waits for the device
+        s = fetch(summary)  # the one place the host waits for the device
         if trace is not None:
-            self._record(jax.device_get(trace))
+            self._record(fetch(trace))
         first = int(s["first_bad"])
         if first >= 0:
             last_good = float(s["before_bad"]) if first > 0 else self.last_finite
@@ -427,12 +493,22 @@ def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=
     `on_progress(event)` receives {"kind": "start", ...} once, then per epoch
     {"kind": "epoch_start", "epoch", "steps"}, {"kind": "chunk", "epoch",
     "step", "steps", "loss"} as each chunk of steps is accounted for, and
-    {"kind": "epoch", **metrics}.
+    {"kind": "epoch", **metrics}. With several processes only process 0 is
+    told, and only it writes files.
     """
     validate(config)
+    mesh = data_mesh(config.devices)
+    check_divides(config.batch_size, mesh)
     train_ds, test_ds = prepare_data(config, train_ds, test_ds)
-    notify = on_progress or (lambda event: None)
-    files = RunFiles(config.out, config)
+    # float64 needs JAX's x64 mode while the run is traced and run.
+    with enable_x64() if config.dtype == "float64" else contextlib.nullcontext():
+        return _train(config, mesh, params, train_ds, test_ds, on_progress or (lambda event: None))
+
+
+def _train(config, mesh, params, train_ds, test_ds, on_progress) -> TrainResult:
+    env = environment(mesh)
+    notify = on_progress if jax.process_index() == 0 else (lambda event: None)
+    files = RunFiles(config.out, config, env)
     model = get_model(config.model)
 
     n = len(train_ds)
@@ -441,26 +517,31 @@ def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
-    # The chunks donate their input state to their output (no second copy of
-    # the parameters on the device), so the caller's own arrays are copied first.
-    params = init_params(config, train_ds.image_shape) if params is None else jax.tree.map(jnp.copy, params)
-    example = jnp.zeros(train_ds.image_shape, jnp.float32)
+    if params is None:
+        params = init_params(config, train_ds.image_shape)
+    params = jax.tree.map(lambda p: np.asarray(p, config.dtype), params)
+    example = np.zeros(train_ds.image_shape, config.dtype)
     chunk, unroll = chunk_plan(config, steps_per_epoch, backends.has_convolution(model.apply, params, example))
 
     stats = channel_stats(train_ds.images, config.input_scale) if config.standardize else (None, None)
     structure, optimizer_numbers = optimizer_settings(config, total_steps)
-    numbers = {"inputs": input_numbers(config.input_scale, *stats), "optimizer": optimizer_numbers,
-               "max_loss": jnp.asarray(config.max_loss, jnp.float32)}
+    numbers = {"inputs": input_numbers(config.input_scale, *stats, dtype=config.dtype),
+               "optimizer": optimizer_numbers, "max_loss": np.float32(config.max_loss)}
+    # Everything but the batches is replicated: parameters, optimiser state,
+    # the numbers, and the uint8 dataset, which goes to every device once
+    # (60,000 MNIST images are 47 MB; CIFAR-10's 50,000 are 154 MB). Each step
+    # then gathers only its own B/K examples from its own copy: no device
+    # builds more of a batch than its share, and no pixels cross devices.
     state = (params, optim.build(structure, optimizer_numbers).init(params))
+    state, numbers = place((state, numbers), replicated(mesh))
+    train_data = place((train_ds.images, train_ds.labels), replicated(mesh))
+    test_x, test_y = place((test_ds.images, test_ds.labels), replicated(mesh))
     chunk_fn = partial(run_chunk, apply_fn=model.apply, batch_loss=LOSSES[config.loss], optimizer=structure,
                        reduction=config.loss_reduction, unroll=unroll, record=config.record_steps > 0)
 
-    # The data goes to the device once, as uint8.
-    train_data = (jax.device_put(train_ds.images), jax.device_put(train_ds.labels))
-    test_x, test_y = jax.device_put(test_ds.images), jax.device_put(test_ds.labels)
-
     notify({"kind": "start", "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-            "train_size": n, "test_size": len(test_ds)})
+            "train_size": n, "test_size": len(test_ds), "devices": env["devices"],
+            "device_kind": env["device_kind"], "processes": env["processes"]})
     progress = Progress(config, notify)
     history, done = [], 0
     for epoch in range(1, config.epochs + 1):
@@ -469,26 +550,30 @@ def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=
         t0 = time.perf_counter()
         epoch_steps = min(steps_per_epoch, total_steps - done)
         progress.start_epoch(epoch, epoch_steps)
-        idx, weights = epoch_batches(epoch_key(config.seed, epoch), n, config.batch_size)
+        # Every process draws the same permutation from (seed, epoch).
+        idx, weights = (np.asarray(a) for a in epoch_batches(epoch_key(config.seed, epoch), n, config.batch_size))
         for start in range(0, epoch_steps, chunk):
             stop = min(start + chunk, epoch_steps)
-            state, summary, trace = chunk_fn(state, train_data, idx[start:stop], weights[start:stop], numbers)
+            batches = place((idx[start:stop], weights[start:stop]), by_example(mesh))
+            state, summary, trace = chunk_fn(state, train_data, *batches, numbers)
             progress.push(start, stop, summary, trace)
         progress.flush()
         done += epoch_steps
         jax.block_until_ready(state)
         train_time = time.perf_counter() - t0
         test_loss, test_acc = evaluate(state[0], test_x, test_y, numbers["inputs"], apply_fn=model.apply,
-                                       batch_size=config.eval_batch_size)
+                                       batch_size=config.eval_batch_size, mesh=mesh)
         record = {
             "epoch": epoch, "steps": done, "examples_seen": int(progress.seen),
             "train_loss": progress.loss_sum / progress.seen, "train_accuracy": progress.correct / progress.seen,
             "test_loss": test_loss, "test_accuracy": test_acc,
             "epoch_time_s": train_time,
             "lr_end": float(optim.make_schedule(config.schedule, config.lr, config.warmup_steps, total_steps)(done)),
+            "devices": env["devices"], "device_kind": env["device_kind"],
         }
         history.append(record)
         files.epoch(record)
         notify({"kind": "epoch", **record})
-    files.params(state[0])
-    return TrainResult(state[0], history, progress.steps)
+    final = jax.tree.map(jnp.asarray, fetch(state[0]))
+    files.params(final)
+    return TrainResult(final, history, progress.steps)

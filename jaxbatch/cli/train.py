@@ -49,8 +49,44 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps in all")
     p.add_argument("--out", help="folder for metrics.jsonl, config.json and params.msgpack "
                    "(default runs/<recipe or model-dataset>)")
+    p.add_argument("--devices", type=positive_int,
+                   help="data-parallel over the first N devices (default: every device; the batch size is global "
+                   "and must divide by N)")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="parameters and inputs (default float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("several hosts (jax.distributed)")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0's coordinator; with --num-processes and --process-id")
+    g.add_argument("--num-processes", type=positive_int, help="how many processes run this same command")
+    g.add_argument("--process-id", type=int, help="this process's number, 0 .. num-processes - 1")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() with no arguments: on Cloud TPU pods, SLURM and "
+                   "other clusters JAX finds the coordinator and this process's number itself")
     p.set_defaults(run=run)
+
+
+def start_distributed(args) -> None:
+    """Join the other processes before JAX touches a device (one program on
+    every process; jax.devices() then lists every process's devices)."""
+    import jax
+
+    from jaxbatch.errors import JaxbatchError
+
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in explicit):
+        return
+    if args.distributed:
+        jax.distributed.initialize()
+        return
+    if any(v is None for v in explicit):
+        raise JaxbatchError("--coordinator, --num-processes and --process-id go together; pass all three "
+                            "(or --distributed on a cluster JAX detects itself)")
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise JaxbatchError(f"--coordinator {args.coordinator!r} is not HOST:PORT, e.g. 10.0.0.1:1234")
+    if not 0 <= args.process_id < args.num_processes:
+        raise JaxbatchError(f"--process-id {args.process_id} is outside 0 .. {args.num_processes - 1}")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
 def build_config(args):
@@ -78,20 +114,23 @@ def format_seconds(seconds: float) -> str:
 
 
 def run(args) -> int:
+    import jax
     from tqdm import tqdm
 
     from jaxbatch.train import train_and_evaluate
 
+    start_distributed(args)
     config = build_config(args)
     bar = None
 
     def on_progress(event):
         nonlocal bar
         if event["kind"] == "start":
+            hosts = f" in {event['processes']} processes" if event["processes"] > 1 else ""
             print(f"training {config.model} on {config.dataset}: {event['train_size']} train / "
                   f"{event['test_size']} test examples, batch {config.batch_size}, "
                   f"{event['steps_per_epoch']} steps per epoch, {config.optimizer} lr {config.lr:g}, "
-                  f"loss {config.loss}", flush=True)
+                  f"loss {config.loss}; {event['devices']} x {event['device_kind']}{hosts}", flush=True)
         elif event["kind"] == "epoch_start" and not args.quiet:
             # Created before the epoch's first step is launched, so its rate
             # counts the whole time the steps took (and compiling, in epoch 1).
@@ -114,6 +153,8 @@ def run(args) -> int:
         if bar is not None:
             bar.close()
     final = result.history[-1]
+    if jax.process_index() != 0:  # process 0 speaks for all
+        return 0
     print(f"test accuracy {final['test_accuracy']:.4f} after {final['epoch']} epochs; "
           f"metrics and params in {config.out}/")
     return 0
