@@ -22,6 +22,7 @@ batch gradient itself comes four ways, here and nowhere else:
     mean_per_example_grads  the mean of per_example_grads
     vmap_grad               jax.grad of vmap_loss
     batched_grad            jax.grad of batched_loss (option 2)
+    data_parallel_grad      K devices, each the batched gradient of B/K examples, averaged (text D)
 
 The loss of one output is a function passed in, `loss_fn(output, y)`:
 `cross_entropy` (the default) or `mse` (text B), or any other of that shape.
@@ -37,6 +38,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+try:
+    from jax import shard_map
+except ImportError:  # JAX < 0.7
+    from jax.experimental.shard_map import shard_map
 
 
 def cross_entropy(logits, label):
@@ -147,3 +153,28 @@ def loop_grad(grad_one, params, xs, ys):
 def example_grad_fn(apply_fn, loss_fn=cross_entropy):
     """(params, x, y) -> grad_theta l(theta; x, y) for ONE example, jitted."""
     return jax.jit(jax.grad(lambda p, x, y: example_loss(apply_fn, p, x, y, loss_fn)))
+
+
+def data_parallel_grad(apply_fn, params, xs, ys, mesh, loss_fn=cross_entropy):
+    """Text D's way, with K = mesh.size devices on a mesh axis named "data":
+    device k computes the batched gradient of its own B/K examples B_k, then
+    the K gradients are averaged across devices (`lax.pmean`, an all-reduce):
+
+        (1/K) sum_k grad L_{B_k} = (1/K) sum_k (K/B) sum_{i in B_k} g_i = grad L_B.
+
+    So K workers with B/K examples each compute the gradient of one batch of
+    B. (Training does the same without saying so: `train.run_chunk` is jitted
+    with the batch split along "data" and XLA inserts this all-reduce.)"""
+    spec = jax.sharding.PartitionSpec
+    k = mesh.size
+    # Every device gets its own copy of the parameters (a leading axis of K,
+    # split over "data"). Had they been passed replicated, autodiff inside
+    # shard_map would sum the K gradients by itself before pmean could average.
+    copies = jax.tree.map(lambda a: jnp.broadcast_to(a, (k, *a.shape)), params)
+
+    def per_device(p, x, y):
+        own = jax.tree.map(lambda a: a[0], p)
+        return jax.lax.pmean(batched_grad(apply_fn, own, x, y, loss_fn), "data")
+
+    return shard_map(per_device, mesh=mesh, in_specs=(spec("data"), spec("data"), spec("data")),
+                     out_specs=spec())(copies, xs, ys)

@@ -87,6 +87,20 @@ def test_one_and_four_devices_end_equal(tmp_path):
             train_and_evaluate(TrainConfig(batch_size=50))
         except JaxbatchError as err:
             out["indivisible"] = str(err)
+        # text D: K devices, each the batched gradient of B/K examples, averaged
+        import jax.numpy as jnp
+        from jaxbatch import losses
+        from jaxbatch.models import get_model
+        from jaxbatch.precision import enable_x64
+        with enable_x64():
+            model = get_model("cnn")
+            params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0), jnp.zeros((28, 28, 1))))
+            xs = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1), jnp.float64)
+            ys = jnp.arange(8) % 10
+            reference = jax.jit(losses.batched_grad, static_argnums=0)(model.apply, params, xs, ys)
+            split = jax.jit(losses.data_parallel_grad, static_argnums=(0, 4))
+            out["data_parallel"] = {k: relative_difference(split(model.apply, params, xs, ys, data_mesh(k)), reference)
+                                    for k in (1, 2, 4)}
         print(json.dumps(out))
     """, 4, tmp_path)
     assert result["devices"] == 4
@@ -97,6 +111,8 @@ def test_one_and_four_devices_end_equal(tmp_path):
     assert result["mlp-float64"]["seen"][0] == result["mlp-float64"]["seen"][1]
     assert result["shard_shapes"] == [[2, 16]]
     assert "batch size 50 does not split evenly over 4 devices" in result["indivisible"]
+    assert set(result["data_parallel"]) == {"1", "2", "4"}
+    assert max(result["data_parallel"].values()) <= 1e-12
 
 
 def free_port() -> int:
