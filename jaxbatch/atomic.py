@@ -6,18 +6,33 @@ import os
 from pathlib import Path
 from typing import Callable
 
+Writer = Callable[[Path], None]
 
-def write_atomic(path, write: Callable[[Path], None]) -> Path:
+
+def write_atomic(path, write: Writer) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it to
     `path` (os.replace is atomic within a folder). On any failure the temporary
     file is removed and `path` is left as it was. The temporary name carries the
     process id, so two processes writing the same file do not collide, and it is
     opened the ordinary way, so the user's umask sets its permissions."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return write_all_atomic({path: write})[0]
+
+
+def write_all_atomic(writes: dict) -> list[Path]:
+    """{path: write}: every `write(tmp)` on its temporary file first, as in
+    `write_atomic`, and the renames only once all of them have succeeded, so
+    a failure in any leaves every path as it was and no temporary file
+    behind. Returns the paths. (Each rename is atomic, the group is not: a
+    crash between two renames leaves some files new and some old, none
+    half-written.)"""
+    staged = [(Path(path), write) for path, write in writes.items()]
+    temporary = [path.with_name(f".{path.name}.{os.getpid()}.tmp") for path, _ in staged]
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for tmp, (_, write) in zip(temporary, staged):
+            write(tmp)
+        for tmp, (path, _) in zip(temporary, staged):
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        for tmp in temporary:
+            tmp.unlink(missing_ok=True)
+    return [path for path, _ in staged]

@@ -13,26 +13,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import statistics
 
 import jax
 
 from jaxbatch import data
+from jaxbatch.machine import cpu_model
 from jaxbatch.recipes import get_recipe
 from jaxbatch.train import TrainConfig, train_and_evaluate
 
 TARGET_S = {"mlp-fashion": 0.7, "cnn-mnist": 25.0}
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def epoch_times(config: TrainConfig, train_ds, test_ds) -> list[float]:
@@ -49,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = jax.devices()[0]
-    print(f"device: {device.platform} {device.device_kind}; CPU: {cpu_name()}, {jax.local_device_count()} "
+    print(f"device: {device.platform} {device.device_kind}; CPU: {cpu_model()}, {jax.local_device_count()} "
           f"device(s); jax {jax.__version__}")
     print(f"{'recipe':<20}{'loss':<9}{'median epoch s':>15}{'target s':>10}{'examples/s':>12}")
     for name in args.recipes:

@@ -1,6 +1,7 @@
 """The benchmark harness on tiny sizes: FLOP counts, equal gradients, the
 JSON schema, clear errors. No test looks at a timing."""
 
+import functools
 import json
 
 import jax
@@ -12,10 +13,12 @@ from jaxbatch.bench import report
 from jaxbatch.bench.device import device_slug
 from jaxbatch.bench.measure import compile_step, is_out_of_memory
 from jaxbatch.bench.methods import METHODS, make_chunked_step, make_loop_step, make_step
-from jaxbatch.bench.run import IMAGE_SHAPES, SCHEMA, BenchConfig, rel_diff, run_benchmarks, run_epoch, validate
+from jaxbatch.bench.run import IMAGE_SHAPES, SCHEMA, BenchConfig, run_benchmarks, run_epoch, validate
 from jaxbatch.cli import main
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.models import get_model
+from jaxbatch.precision import highest_precision, matmul_precision
+from jaxbatch.precision import relative_difference as rel_diff
 
 TINY = dict(min_repeats=1, max_repeats=2, min_time_s=0.0, warmup=1, epochs=())
 
@@ -31,9 +34,12 @@ def mlp_hand_flops(b, d_in=784, hidden=256, classes=10):
     return forward + d_hidden + d_weights
 
 
+@functools.cache
 def init(name):
+    """The model and its parameters, made once for all the tests, and jitted
+    (Flax's eager init compiles op by op)."""
     model = get_model(name)
-    return model, model.init(jax.random.key(0), jnp.zeros(IMAGE_SHAPES[name]))
+    return model, jax.jit(model.init)(jax.random.key(0), jnp.zeros(IMAGE_SHAPES[name]))
 
 
 def batch(name, b, seed=1):
@@ -55,16 +61,19 @@ def test_xla_flops_of_mlp_step_match_the_hand_count(b):
 def test_every_method_computes_the_batched_gradient(name):
     model, params = init(name)
     xs, ys = batch(name, 5)  # 5 = two chunks of 2 and a last one of 1
-    reference = jax.jit(make_step("batched", model.apply))(params, xs, ys)
-    for method in METHODS:
-        if method == "loop":
-            grad = make_loop_step(model.apply)[0](params, list(xs), list(ys))
-        elif method == "per_example_chunked":
-            grad = make_chunked_step(model.apply, chunk=2)[0](params, xs, ys)
-        else:
-            grad = jax.jit(make_step(method, model.apply))(params, xs, ys)
-        assert jax.tree.structure(grad) == jax.tree.structure(params)
-        assert rel_diff(grad, reference) < 1e-5, method
+    # Float32 rounding is the claim: true float32 products (a GPU's default TF32 differs by ~1e-3).
+    with highest_precision():
+        reference = make_step("batched", model.apply)(params, xs, ys)  # the "batched" method itself
+        assert jax.tree.structure(reference) == jax.tree.structure(params)
+        for method in METHODS[1:]:
+            if method == "loop":
+                grad = make_loop_step(model.apply)[0](params, list(xs), list(ys))
+            elif method == "per_example_chunked":
+                grad = make_chunked_step(model.apply, chunk=2)[0](params, xs, ys)
+            else:
+                grad = make_step(method, model.apply)(params, xs, ys)
+            assert jax.tree.structure(grad) == jax.tree.structure(params)
+            assert rel_diff(grad, reference) < 1e-5, method
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +87,9 @@ def test_record_schema(tiny_record, tmp_path):
     assert [p.name for p in paths] == ["tiny.json", "tiny.md", "tiny-throughput.png", "tiny-overhead.png"]
     record = json.loads(paths[0].read_text())
     assert record["schema"] == SCHEMA
+    # Timed at the precision in force; the cross-method check at the highest, where it means float32 rounding.
+    assert record["precision"] == matmul_precision()
+    assert record["check_precision"]["matmul_precision"] == "highest"
     for key in ("platform", "name", "device_kind", "device_count", "host_cpu", "host_cores", "memory_bytes"):
         assert key in record["device"]
     assert record["software"]["jax"] == jax.__version__ and record["software"]["jaxlib"]
@@ -101,17 +113,18 @@ def test_record_schema(tiny_record, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = paths[1].read_text()
     assert "## mlp" in md and "## fc_nobias" in md and "## Targets" in md
+    assert "checked against `batched` at `highest`" in md
 
 
 def test_record_flops_for_mlp_follow_the_hand_count(tiny_record):
     model, params = init("mlp")
     rows = {(r["batch_size"], r["method"]): r for r in tiny_record["results"] if r["model"] == "mlp"}
+    chunk_sum = make_chunked_step(model.apply, 2)[1]
+    xs, ys = batch("mlp", 2)
+    per_chunk = {c: compile_step(chunk_sum, params, xs[:c], ys[:c]).flops for c in (1, 2)}
     for b in (3, 5):
         assert mlp_hand_flops(b) <= rows[b, "batched"]["flops"] <= 1.02 * mlp_hand_flops(b)
         # chunks of 2 and a last one of 1: each chunk's count, times the chunks
-        chunk_sum = make_chunked_step(model.apply, 2)[1]
-        xs, ys = batch("mlp", 2)
-        per_chunk = {c: compile_step(chunk_sum, params, xs[:c], ys[:c]).flops for c in (1, 2)}
         assert rows[b, "per_example_chunked"]["flops"] == (b // 2) * per_chunk[2] + (b % 2) * per_chunk[1]
     assert rows[3, "loop"]["flops"] == rows[3, "per_example"]["flops"]
 
@@ -231,7 +244,7 @@ def test_torch_twins_compute_the_jax_gradient(name):
     twin = tt.torch_twin(name, params, shape, dev)
     x, y = tt.to_torch_batch(xs, ys, dev)
     np.testing.assert_allclose(twin(x).detach().numpy(), model.apply(params, xs), rtol=1e-4, atol=1e-5)
-    reference = jax.jit(make_step("batched", model.apply))(params, xs, ys)["params"]
+    reference = make_step("batched", model.apply)(params, xs, ys)["params"]
     for method in tt.TORCH_METHODS:
         grads = tt.grads_to_jax_layout(name, twin, tt.make_torch_step(method, twin)(x, y), shape)
         assert rel_diff(grads, reference) < 1e-4, method

@@ -69,6 +69,12 @@ def test_a_failing_plot_leaves_nothing_behind(tmp_path):
     with pytest.raises(RuntimeError):
         write_results(tmp_path, {"x": 1.0}, {"broken": Broken()})
     assert list(tmp_path.iterdir()) == []
+    # All or nothing: an earlier run's result.json is not replaced by half of a new run.
+    write_results(tmp_path, {"x": 1.0}, {})
+    with pytest.raises(RuntimeError):
+        write_results(tmp_path, {"x": 2.0}, {"broken": Broken()})
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    assert json.loads((tmp_path / "result.json").read_text()) == {"x": 1.0}
 
 
 def test_result_json_has_no_nan(tmp_path):

@@ -2,40 +2,17 @@
 
 Nothing here assumes a CPU: the device is `jax.devices()[0]`, whatever the
 backend; the host CPU is named too, because on a CPU backend it *is* the
-device and on a GPU it still feeds it.
+device and on a GPU it still feeds it (`jaxbatch.machine` reads its name
+and flags).
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import re
 import sys
 
-
-def cpu_model() -> str:
-    """The host CPU's marketing name, e.g. 'AMD EPYC 9B45'."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def cpu_flags() -> list[str]:
-    """The vector extensions that bound a CPU's matmul speed."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    except OSError:
-        pass
-    return []
+from jaxbatch.machine import cpu_flags, cpu_model
 
 
 def describe_device() -> dict:

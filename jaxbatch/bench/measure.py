@@ -1,6 +1,7 @@
 """How one figure is measured: step times, compile time, FLOPs, memory, peak.
 
-Step time: after `warmup` calls, the step is called repeatedly, each call
+Step time: `jaxbatch.machine.time_calls`, the one timing loop the experiments
+use too: after `warmup` calls, the step is called repeatedly, each call
 waited for (`jax.block_until_ready`, or torch's synchronize on a GPU), with
 the input batch rotated among a few different ones so no cache sees the same
 data twice in a row; the figure is the median (the minimum is kept too: on a
@@ -17,30 +18,10 @@ median (`flops_per_s` is the best call, `flops_per_s_median` the median).
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any, Callable, NamedTuple
 
-
-class Timing(NamedTuple):
-    median_s: float
-    min_s: float
-    repeats: int
-
-
-def time_calls(call: Callable, inputs: list[tuple], sync: Callable[[Any], Any], *, warmup: int = 2,
-               min_repeats: int = 5, max_repeats: int = 100, min_time_s: float = 1.0) -> Timing:
-    """Median and minimum seconds of `sync(call(*args))`, args rotating through `inputs`."""
-    for i in range(warmup):
-        sync(call(*inputs[i % len(inputs)]))
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - started < min_time_s):
-        args = inputs[(len(times) + warmup) % len(inputs)]
-        t0 = time.perf_counter()
-        sync(call(*args))
-        times.append(time.perf_counter() - t0)
-    return Timing(statistics.median(times), min(times), len(times))
+from jaxbatch.machine import time_calls
 
 
 def block(tree):

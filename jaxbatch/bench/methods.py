@@ -14,12 +14,15 @@ and differs only in how the work is laid out:
     loop                 a Python loop of jitted one-example gradients, summed: option (1)
                          of text A taken literally; small batches only
 
-`make_step(method, apply_fn)` gives the jit-able function of (params, xs, ys)
-of the first three; `make_chunked_step` and `make_loop_step` give Python
-functions that call jitted pieces.
+`make_step(method, apply_fn)` gives the jitted function of (params, xs, ys)
+of the first three, which are `losses.batched_grad`, `losses.vmap_grad` and
+`losses.mean_per_example_grads`; `make_chunked_step` and `make_loop_step`,
+what only a benchmark needs, give Python functions that call jitted pieces.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,22 +32,35 @@ from jaxbatch.errors import JaxbatchError
 
 METHODS = ("batched", "vmap", "per_example", "per_example_chunked", "loop")
 
-
-def batched_grad(apply_fn, params, xs, ys):
-    return jax.grad(lambda p: losses.batched_loss(apply_fn, p, xs, ys))(params)
-
-
-def vmap_grad(apply_fn, params, xs, ys):
-    return jax.grad(lambda p: losses.vmap_loss(apply_fn, p, xs, ys))(params)
-
-
-def per_example_grad(apply_fn, params, xs, ys):
-    return losses.mean_per_example_grads(apply_fn, params, xs, ys)
+# The three methods XLA compiles whole: the batch gradient as jaxbatch.losses
+# computes it. Jitted here, with the model's apply static, so a step is compiled
+# once per model, shapes and precision, however many cases and checks call it.
+STEPS = {
+    "batched": jax.jit(losses.batched_grad, static_argnums=0),
+    "vmap": jax.jit(losses.vmap_grad, static_argnums=0),
+    "per_example": jax.jit(losses.mean_per_example_grads, static_argnums=0),
+}
 
 
-def example_grad(apply_fn, params, x, y):
-    """grad_theta l(theta; x, y) for ONE example."""
-    return jax.grad(lambda p: losses.example_loss(apply_fn, p, x, y))(params)
+@functools.partial(jax.jit, static_argnums=0)
+def _chunk_sum(apply_fn, params, xs, ys):
+    """sum_i g_i over one chunk of examples."""
+    return jax.tree.map(lambda g: jnp.sum(g, axis=0), losses.per_example_grads(apply_fn, params, xs, ys))
+
+
+# The one-example gradient of the loop, one per model (its shape does not depend on B).
+_example_grad = functools.cache(losses.example_grad_fn)
+
+# Tree arithmetic for the steps driven from Python.
+_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+_scale = jax.jit(lambda a, s: jax.tree.map(lambda t: t * s, a))
+
+
+def make_step(method: str, apply_fn):
+    """The jitted (params, xs, ys) -> mean gradient of batched, vmap or per_example."""
+    if method not in STEPS:
+        raise JaxbatchError(f"no single jit-able step for method {method!r}; choose from: {', '.join(STEPS)}")
+    return functools.partial(STEPS[method], apply_fn)
 
 
 def make_chunked_step(apply_fn, chunk: int):
@@ -58,17 +74,14 @@ def make_chunked_step(apply_fn, chunk: int):
     0.10) the convolutions and matrix products inside a while loop's body miss
     the YNNPACK kernels: the cnn's chunked per-example gradients ran 13-24x
     slower than the same code unrolled (docs/bench.md)."""
-    chunk_sum = jax.jit(lambda p, xs, ys: jax.tree.map(
-        lambda g: jnp.sum(g, axis=0), losses.per_example_grads(apply_fn, p, xs, ys)))
-    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
-    scale = jax.jit(lambda a, s: jax.tree.map(lambda t: t * s, a))
+    chunk_sum = functools.partial(_chunk_sum, apply_fn)
 
     def step(params, xs, ys):
         b = xs.shape[0]
         total = chunk_sum(params, xs[:chunk], ys[:chunk])
         for start in range(chunk, b, chunk):
-            total = add(total, chunk_sum(params, xs[start:start + chunk], ys[start:start + chunk]))
-        return scale(total, 1.0 / b)
+            total = _add(total, chunk_sum(params, xs[start:start + chunk], ys[start:start + chunk]))
+        return _scale(total, 1.0 / b)
 
     return step, chunk_sum
 
@@ -76,27 +89,17 @@ def make_chunked_step(apply_fn, chunk: int):
 def make_loop_step(apply_fn):
     """One jitted one-example gradient per example, summed in a Python loop,
     then divided by B. Returns (step, one_grad): step(params, examples, ys)
-    takes the examples as a list, as a data loader would hand them over."""
-    one_grad = jax.jit(lambda p, x, y: example_grad(apply_fn, p, x, y))
-    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
-    scale = jax.jit(lambda a, s: jax.tree.map(lambda t: t * s, a))
+    takes the examples as a list, as a data loader would hand them over.
+
+    Unlike `losses.loop_grad`, which sums on the host in NumPy (a check wants
+    the order of the additions plain), the running sum stays on the device:
+    a benchmark on an accelerator would otherwise time B transfers to the host."""
+    one_grad = _example_grad(apply_fn)
 
     def step(params, examples, labels):
         total = one_grad(params, examples[0], labels[0])
         for x, y in zip(examples[1:], labels[1:]):
-            total = add(total, one_grad(params, x, y))
-        return scale(total, 1.0 / len(examples))
+            total = _add(total, one_grad(params, x, y))
+        return _scale(total, 1.0 / len(examples))
 
     return step, one_grad
-
-
-def make_step(method: str, apply_fn):
-    """The jit-able (params, xs, ys) -> mean gradient of batched, vmap or per_example."""
-    steps = {
-        "batched": lambda p, xs, ys: batched_grad(apply_fn, p, xs, ys),
-        "vmap": lambda p, xs, ys: vmap_grad(apply_fn, p, xs, ys),
-        "per_example": lambda p, xs, ys: per_example_grad(apply_fn, p, xs, ys),
-    }
-    if method not in steps:
-        raise JaxbatchError(f"no single jit-able step for method {method!r}; choose from: {', '.join(steps)}")
-    return steps[method]

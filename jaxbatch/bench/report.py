@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jaxbatch.atomic import write_atomic
 from jaxbatch.errors import JaxbatchError
+from jaxbatch.figures import new_figure
 
 # ---- lookups -----------------------------------------------------------------
 
@@ -150,6 +151,10 @@ def to_markdown(record: dict) -> str:
                  + (f"; XLA_FLAGS `{sw['xla_flags']}`" if sw.get("xla_flags") else ""))
     lines.append(f"- run: {record['created_utc']}, {record['total_s']:.0f} s; load average at start "
                  f"{_fmt_load(record.get('load_average_start'))}, at end {_fmt_load(record.get('load_average_end'))}")
+    if record.get("precision"):  # records before it was kept lack it
+        lines.append(f"- float32 matmul precision: steps timed at `{record['precision']['matmul_precision']}` "
+                     f"({record['precision']['float32_matmul_means']}), checked against `batched` at "
+                     f"`{record['check_precision']['matmul_precision']}`")
     mp = (f"- dense float32 matmul ({peak['jax']['size']}^3), median (best): JAX "
           f"{peak['jax']['flops_per_s_median'] / 1e9:.0f} ({peak['jax']['flops_per_s'] / 1e9:.0f}) GFLOP/s")
     if "torch" in peak:
@@ -229,13 +234,8 @@ def _method_order(name):
 
 def plot_throughput(record: dict, path: Path) -> None:
     """Examples per second against batch size, one panel per model, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = sorted({r["model"] for r in record["results"]}, key=_model_order)
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
+    fig, axes = new_figure(ncols=len(models), width=4.2, height=3.6)
     for ax, m in zip(axes[0], models):
         for framework, style in (("jax", "-o"), ("torch", "--s")):
             for method in sorted({r["method"] for r in ok_rows(record, framework) if r["model"] == m},
@@ -250,18 +250,13 @@ def plot_throughput(record: dict, path: Path) -> None:
     axes[0][0].set_ylabel("examples / s")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"{record['device']['platform']} {record['device']['name']}: gradient step throughput")
-    fig.tight_layout()
     _save_figure(fig, path)
 
 
 def plot_overhead(record: dict, path: Path) -> None:
     """Per-example gradients (and vmap mean) step time / batched step time against batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = new_figure()
+    ax = axes[0, 0]
     models = sorted({r["model"] for r in record["results"]}, key=_model_order)
     for m in models:
         for method, style in (("per_example", "-o"), ("vmap", ":^")):
@@ -274,17 +269,11 @@ def plot_overhead(record: dict, path: Path) -> None:
            title="cost of per-example gradients over the batched gradient")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
     _save_figure(fig, path)
 
 
 def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 # ---- files -------------------------------------------------------------------

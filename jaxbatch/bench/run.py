@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbatch.bench import device as device_lib
-from jaxbatch.bench.measure import block, compile_step, is_out_of_memory, jax_matmul_peak, matmul_size, time_calls
-from jaxbatch.bench.methods import METHODS, example_grad, make_chunked_step, make_loop_step, make_step
+from jaxbatch.bench.measure import block, compile_step, is_out_of_memory, jax_matmul_peak, matmul_size
+from jaxbatch.bench.methods import METHODS, make_chunked_step, make_loop_step, make_step
 from jaxbatch.errors import JaxbatchError
+from jaxbatch.machine import time_calls
 from jaxbatch.models import get_model
+from jaxbatch.precision import highest_precision, matmul_precision, relative_difference
 
 SCHEMA = "jaxbatch-bench/1"
 # The input each model is benchmarked at: the dataset its text trains it on.
@@ -109,13 +111,6 @@ def random_batches(key, batch_size: int, image_shape, count: int = ROTATIONS):
     return batches
 
 
-def rel_diff(a, b) -> float:
-    """max over leaves of max|a - b| / max|b|."""
-    diffs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / max(float(np.max(np.abs(np.asarray(y)))), 1e-30))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
-    return max(diffs) if diffs else 0.0
-
-
 def _row(framework, model, batch_size, method, **fields) -> dict:
     row = {"framework": framework, "model": model, "image_shape": list(IMAGE_SHAPES[model]),
            "batch_size": int(batch_size), "method": method, "status": "ok"}
@@ -137,7 +132,14 @@ def _with_speed(row: dict, timing, flops) -> dict:
 
 class _Case:
     """What the cases of one (model, batch size) share: params, inputs, the
-    batched gradient every method is checked against, per-example FLOPs."""
+    batched gradient every method is checked against, the steps' FLOPs.
+
+    The steps are timed at the backend's default float32 matmul precision, as
+    training runs them; the check of each method against the batched gradient
+    runs under `highest_precision()`, where the methods agree to float32
+    rounding on every backend (at the default, a GPU's TF32 or a TPU's
+    bfloat16 products would make them differ by ~1e-3). jit caches per
+    precision, so the check compiles the step once more."""
 
     def __init__(self, name, params, batches, config, memory_limit):
         self.name, self.params, self.batches, self.config = name, params, batches, config
@@ -145,7 +147,7 @@ class _Case:
         self.memory_limit = memory_limit
         self.apply = get_model(name).apply
         self.reference = None  # batched gradient on batches[0]
-        self._per_example_flops = None
+        self.flops = {}  # method -> XLA's FLOPs of its compiled step
 
     def timing(self):
         c = self.config
@@ -153,16 +155,22 @@ class _Case:
 
     def reference_grad(self):
         if self.reference is None:
-            self.reference = jax.jit(make_step("batched", self.apply))(self.params, *self.batches[0])
+            with highest_precision():
+                self.reference = make_step("batched", self.apply)(self.params, *self.batches[0])
         return self.reference
 
-    def per_example_flops(self):
-        """FLOPs of vmap(grad) over the batch: the arithmetic the loop (and
-        torch.func) also does."""
-        if self._per_example_flops is None:
-            step = make_step("per_example", self.apply)
-            self._per_example_flops = compile_step(step, self.params, *self.batches[0]).flops
-        return self._per_example_flops
+    def max_rel_diff_vs_batched(self, step, batch) -> float:
+        """relative_difference(step's gradient, the batched gradient) on the
+        first batch (`batch` in the form `step` takes), both under highest precision."""
+        with highest_precision():
+            return relative_difference(step(self.params, *batch), self.reference_grad())
+
+    def step_flops(self, method: str):
+        """FLOPs of a jitted method's step, from its case if that ran already.
+        per_example's is the arithmetic the loop (and torch.func) also does."""
+        if method not in self.flops:
+            self.flops[method] = compile_step(make_step(method, self.apply), self.params, *self.batches[0]).flops
+        return self.flops[method]
 
     def too_big(self, needed) -> str | None:
         if needed is not None and self.memory_limit is not None and needed > self.memory_limit:
@@ -180,15 +188,15 @@ class _Case:
             return self._run_chunked()
         step = make_step(method, self.apply)
         compiled = compile_step(step, self.params, *self.batches[0])
+        self.flops[method] = compiled.flops
         reason = self.too_big(compiled.peak_memory_bytes)
         if reason:
             return _skipped("jax", self.name, b, method, reason)
         inputs = [(self.params, xs, ys) for xs, ys in self.batches]
         timing = time_calls(compiled.executable, inputs, block, **self.timing())
-        grad = compiled.executable(*inputs[0])
         row = _row("jax", self.name, b, method, compile_s=compiled.compile_s, flops_source="xla",
                    peak_memory_bytes=compiled.peak_memory_bytes,
-                   max_rel_diff_vs_batched=rel_diff(grad, self.reference_grad()))
+                   max_rel_diff_vs_batched=self.max_rel_diff_vs_batched(step, self.batches[0]))
         return _with_speed(row, timing, compiled.flops)
 
     def _run_chunked(self) -> dict:
@@ -208,21 +216,19 @@ class _Case:
         row = _row("jax", self.name, b, "per_example_chunked", chunk=chunk,
                    compile_s=sum(c.compile_s for _, c in parts), flops_source="xla, per chunk x chunks",
                    peak_memory_bytes=peak_memory,
-                   max_rel_diff_vs_batched=rel_diff(step(*inputs[0]), self.reference_grad()))
+                   max_rel_diff_vs_batched=self.max_rel_diff_vs_batched(step, self.batches[0]))
         return _with_speed(row, timing, flops)
 
     def _run_loop(self) -> dict:
         b = self.batch_size
-        step, _ = make_loop_step(self.apply)
-        one = compile_step(lambda p, x, y: example_grad(self.apply, p, x, y), self.params,
-                           self.batches[0][0][0], self.batches[0][1][0])
+        step, one_grad = make_loop_step(self.apply)
+        one = compile_step(one_grad, self.params, self.batches[0][0][0], self.batches[0][1][0])
         inputs = [(self.params, list(xs), list(ys)) for xs, ys in self.batches]
         timing = time_calls(step, inputs, block, **self.timing())
-        grad = step(*inputs[0])
         row = _row("jax", self.name, b, "loop", compile_s=one.compile_s, flops_source="xla, per_example",
                    peak_memory_bytes=one.peak_memory_bytes,
-                   max_rel_diff_vs_batched=rel_diff(grad, self.reference_grad()))
-        return _with_speed(row, timing, self.per_example_flops())
+                   max_rel_diff_vs_batched=self.max_rel_diff_vs_batched(step, inputs[0][1:]))
+        return _with_speed(row, timing, self.step_flops("per_example"))
 
     def run_torch(self, method: str, jax_rows: dict) -> dict:
         from jaxbatch.bench import torch_twins as tt
@@ -256,12 +262,10 @@ class _Case:
         row = _row("torch", self.name, b, method, compile_s=None, flops_source="xla, same method in jax",
                    torch_threads=threads, step_s_by_threads={str(n): t.median_s for n, t in by_threads.items()},
                    peak_memory_bytes=int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
-                   max_rel_diff_vs_batched=rel_diff(grads, reference))
+                   max_rel_diff_vs_batched=relative_difference(grads, reference))
         flops = twin.get("flops") if twin else None
-        if flops is None and method == "per_example":
-            flops = self.per_example_flops()
-        if flops is None and method == "batched":
-            flops = compile_step(make_step("batched", self.apply), self.params, *self.batches[0]).flops
+        if flops is None:
+            flops = self.step_flops(method)
         return _with_speed(row, timing, flops)
 
 
@@ -312,6 +316,9 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[dict], None] | No
         "device": device,
         "software": device_lib.software_versions(),
         "settings": dataclasses.asdict(config),
+        # The steps are timed at this precision; max_rel_diff_vs_batched is checked at check_precision.
+        "precision": matmul_precision(),
+        "check_precision": matmul_precision("highest"),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     timing = dict(warmup=config.warmup, min_repeats=config.min_repeats, max_repeats=config.max_repeats,
@@ -328,7 +335,9 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[dict], None] | No
     key = jax.random.key(config.seed)
     for name in config.models:
         shape = IMAGE_SHAPES[name]
-        params = get_model(name).init(jax.random.fold_in(key, 0), jnp.zeros(shape, jnp.float32))
+        # Jitted: Flax's eager init compiles every op on its own. (These parameters are only
+        # something to time; unlike training's, their last bits need not match eager init's.)
+        params = jax.jit(get_model(name).init)(jax.random.fold_in(key, 0), jnp.zeros(shape, jnp.float32))
         for b in config.batch_sizes:
             try:
                 batches = random_batches(jax.random.fold_in(key, b), b, shape)

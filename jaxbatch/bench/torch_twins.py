@@ -190,7 +190,7 @@ def torch_sync(device):
 
 def torch_matmul_peak(n: int, device, **timing) -> dict:
     """FLOP/s of an n x n x n float32 product in PyTorch, for comparison with JAX's."""
-    from jaxbatch.bench.measure import time_calls
+    from jaxbatch.machine import time_calls
 
     torch = require_torch()
     gen = torch.Generator().manual_seed(0)

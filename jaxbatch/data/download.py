@@ -1,9 +1,10 @@
 """Downloads without TensorFlow: the official files, checked against pinned SHA-256.
 
 Each file streams into a temporary name beside its destination while its
-SHA-256 is computed; only a file of the pinned size and hash is renamed to its
-final name, so a cut transfer or a corrupted copy never sits where the
-loaders look. The official URLs and hashes live in catalog.py.
+SHA-256 is computed (`atomic.write_atomic`); only a file of the pinned size
+and hash is renamed to its final name, so a cut transfer or a corrupted copy
+never sits where the loaders look. The official URLs and hashes live in
+catalog.py.
 
 A mirror (argument `mirror`, or `$JAXBATCH_MIRROR`) replaces the official
 servers: `<mirror>/<dataset>/<file>`, the same layout as the data folder.
@@ -14,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable
 
+from jaxbatch.atomic import write_atomic
 from jaxbatch.data.catalog import DatasetSpec, RemoteFile
 from jaxbatch.errors import JaxbatchError
 
@@ -75,37 +76,35 @@ def download(
 
 def fetch(url: str, dest: Path, remote: RemoteFile, on_progress: Progress | None = None) -> None:
     """Download `url` to `dest`, verified; on any failure nothing is left under either name."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
-        digest, done = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-            announced = int(response.headers.get("Content-Length") or -1)
-            while block := response.read(CHUNK):
-                out.write(block)
-                digest.update(block)
-                done += len(block)
-                if on_progress:
-                    on_progress(remote.name, done, remote.size)
-        if done < announced:
-            raise JaxbatchError(
-                f"{url}: the transfer stopped after {done} of {announced} bytes; run the download again"
-            )
-        if done != remote.size:
-            raise JaxbatchError(
-                f"{url}: {done} bytes, but the official file has {remote.size}; "
-                "not the official file, discarded"
-            )
-        if digest.hexdigest() != remote.sha256:
-            raise JaxbatchError(
-                f"{url}: SHA-256 {digest.hexdigest()} does not match the pinned "
-                f"{remote.sha256}; the file is corrupt or not the official one and was discarded"
-            )
-        os.chmod(tmp, 0o644)  # mkstemp made it private; a data folder is often shared
-        os.replace(tmp, dest)
+        write_atomic(dest, lambda tmp: _receive(url, tmp, remote, on_progress))
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:  # HTTP, DNS, cut
-        os.unlink(tmp)
         reason = getattr(err, "reason", None) or err
         raise JaxbatchError(f"downloading {url} failed ({reason}); nothing was saved as {dest.name}")
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+
+def _receive(url: str, tmp: Path, remote: RemoteFile, on_progress: Progress | None) -> None:
+    """Stream `url` into `tmp`, hashing as it comes; raise unless it is the pinned file."""
+    digest, done = hashlib.sha256(), 0
+    with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+        announced = int(response.headers.get("Content-Length") or -1)
+        while block := response.read(CHUNK):
+            out.write(block)
+            digest.update(block)
+            done += len(block)
+            if on_progress:
+                on_progress(remote.name, done, remote.size)
+    if done < announced:
+        raise JaxbatchError(
+            f"{url}: the transfer stopped after {done} of {announced} bytes; run the download again"
+        )
+    if done != remote.size:
+        raise JaxbatchError(
+            f"{url}: {done} bytes, but the official file has {remote.size}; "
+            "not the official file, discarded"
+        )
+    if digest.hexdigest() != remote.sha256:
+        raise JaxbatchError(
+            f"{url}: SHA-256 {digest.hexdigest()} does not match the pinned "
+            f"{remote.sha256}; the file is corrupt or not the official one and was discarded"
+        )

@@ -11,6 +11,7 @@ Each module has a `Config` dataclass whose defaults are the full run on the
 real datasets, `QUICK` (the fields a small offline run on `digits` changes),
 `run(config, on_progress) -> result` (a JSON-able dict), `summary(result)`
 (the printed table) and `figures(result)` ({name: matplotlib Figure}).
+`run_experiment` adds the matmul precision the run used to the result.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from types import ModuleType
 
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.experiments.report import check_out_dir, write_results
+from jaxbatch.precision import matmul_precision
 
 EXPERIMENTS = {
     "equality": "equality",
@@ -54,8 +56,10 @@ def make_config(name: str, quick: bool = False, **overrides):
 def run_experiment(name: str, config, out, on_progress=None):
     """Run one experiment and write result.json and its plots to `out`.
     The folder is checked before any work, and written only at the end.
-    Returns (result, paths written)."""
+    Returns (result, paths written); the result records the float32 matmul
+    precision it ran at (`precision.matmul_precision()`): on a GPU or TPU
+    the default one is not float32, and the numbers depend on it."""
     module = get_experiment(name)
     check_out_dir(out)
-    result = module.run(config, on_progress)
+    result = {**module.run(config, on_progress), "precision": matmul_precision()}
     return result, write_results(out, result, module.figures(result))

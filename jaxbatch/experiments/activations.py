@@ -28,7 +28,7 @@ import numpy as np
 from jaxbatch import data as data_lib
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.experiments.report import format_table, new_figure
-from jaxbatch.precision import enable_x64
+from jaxbatch.precision import enable_x64, highest_precision, matmul_precision
 
 ACTIVATIONS = {
     "relu": (jax.nn.relu, lambda x: (x > 0).astype(x.dtype)),
@@ -93,12 +93,13 @@ def _two_vs_one(x, layers):
 def stacked_vs_single(x, layers: dict, dtype: str) -> dict:
     """max|two layers - one layer| on the batch x, without and with a ReLU
     between; relative to max|two layers' output|. The same layers (drawn in
-    float32) in either dtype."""
-    with enable_x64() if dtype == "float64" else contextlib.nullcontext():
+    float32) in either dtype. Under the highest matmul precision: "equal to
+    float32 rounding" needs products in float32, not a GPU's default TF32."""
+    with enable_x64() if dtype == "float64" else contextlib.nullcontext(), highest_precision():
         cast = {k: np.asarray(v, dtype) for k, v in layers.items()}
         diff, relu_diff, scale = map(float, _two_vs_one(np.asarray(x, dtype), cast))
     outputs = layers["w_o"].shape[1]
-    return {"max_abs": diff, "max_rel": diff / scale,
+    return {"precision": matmul_precision("highest"), "max_abs": diff, "max_rel": diff / scale,
             "with_relu_max_abs": relu_diff, "with_relu_max_rel": relu_diff / scale,
             "W_shape": [x.shape[1], outputs], "b_shape": [outputs]}
 

@@ -3,8 +3,8 @@ filling the folder, and its printed table.
 
 An experiment writes `result.json` and its PNG plots into one folder. All of
 them are written under temporary names first and renamed into place only
-when every one is ready (`os.replace` is atomic within a folder), so a
-failure leaves nothing half-written.
+when every one is ready (`atomic.write_all_atomic`), so a failure leaves
+nothing half-written.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxbatch.atomic import write_all_atomic
 from jaxbatch.errors import JaxbatchError
+from jaxbatch.figures import new_figure  # noqa: F401  (the experiments' plots: one import for their kit)
 
 
 def check_out_dir(out) -> Path:
@@ -59,20 +61,10 @@ def write_results(out, result: dict, figures: dict) -> list[Path]:
     except OSError as err:
         raise JaxbatchError(f"cannot create output folder {out}: {err.strerror}") from None
     text = json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n"
-    writers = [("result.json", lambda tmp: tmp.write_text(text))]
-    writers += [(f"{name}.png", lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100))
-                for name, fig in figures.items()]
-    staged = [(out / f".{name}.tmp", out / name) for name, _ in writers]
-    try:
-        for (tmp, _), (_, write) in zip(staged, writers):
-            write(tmp)
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, final in staged:
-        os.replace(tmp, final)
-    return [final for _, final in staged]
+    writes = {out / "result.json": lambda tmp: tmp.write_text(text)}
+    writes.update({out / f"{name}.png": lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100)
+                   for name, fig in figures.items()})
+    return write_all_atomic(writes)
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:
@@ -97,13 +89,3 @@ def _cell(value) -> str:
             return f"{value:.2e}"
         return f"{value:.4g}"
     return str(value)
-
-
-def new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 4.0):
-    """A matplotlib Figure and its axes, outside pyplot: no global state, no
-    display backend needed, and nothing left open after saving."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
