@@ -49,7 +49,7 @@ from flax import serialization
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbatch import backends, optim
+from jaxbatch import backends, checkpoint, optim
 from jaxbatch import data as data_lib
 from jaxbatch.atomic import write_atomic
 from jaxbatch.errors import JaxbatchError
@@ -90,6 +90,9 @@ class TrainConfig:
     unroll: bool | None = None  # unroll each chunk's scan; None: see chunk_plan
     record_steps: int = 0  # keep loss and per-layer gradient norms of the first N steps (TrainResult.steps)
     devices: int | None = None  # data-parallel over the first N devices (None: every device there is)
+    checkpoint_every: int | None = None  # with out: a checkpoint every N steps too, not only at epoch ends
+    keep: int = 3  # checkpoints kept in out/checkpoints
+    resume: bool = False  # continue from the newest checkpoint in out
     dtype: str = "float32"  # parameters and inputs; "float64" for checks that need more digits
     eval_batch_size: int = 1000
     # A step loss above this counts as divergence, like NaN or inf. Chance-level
@@ -121,6 +124,15 @@ class Diverged(JaxbatchError):
         )
 
 
+class Interrupted(JaxbatchError):
+    """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint."""
+
+    def __init__(self, reason: str, epoch: int, step: int, checkpoint):
+        self.reason, self.epoch, self.step, self.checkpoint = reason, epoch, step, checkpoint
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (no output folder)"
+        super().__init__(f"stopped by {reason} at epoch {epoch}, step {step}; {where}")
+
+
 def validate(config: TrainConfig) -> None:
     """Reject nonsensical settings before any data is loaded or compiled."""
     if config.loss not in LOSS_MODES:
@@ -147,8 +159,13 @@ def validate(config: TrainConfig) -> None:
         raise JaxbatchError(f"unknown dtype {config.dtype!r}; choose one of: {', '.join(DTYPES)}", setting="dtype")
     if config.devices is not None and config.devices < 1:
         raise JaxbatchError(f"{{setting}} must be 1 or more, got {config.devices}", setting="devices")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise JaxbatchError(f"{{setting}} must be 1 or more, got {config.max_steps}", setting="max_steps")
+    for field in ("max_steps", "checkpoint_every"):
+        if getattr(config, field) is not None and getattr(config, field) < 1:
+            raise JaxbatchError(f"{{setting}} must be 1 or more, got {getattr(config, field)}", setting=field)
+    if config.keep < 1:
+        raise JaxbatchError(f"{{setting}} must be 1 or more, got {config.keep}", setting="keep")
+    if (config.resume or config.checkpoint_every) and not config.out:
+        raise JaxbatchError("checkpoints live in the output folder: pass {setting} DIR", setting="out")
     optim.check_schedule(config.schedule, config.warmup_steps)
     optim.build(*optimizer_settings(config, total_steps=1))  # unknown names, nesterov without momentum
     get_model(config.model)
@@ -374,30 +391,55 @@ def fetch(tree):
 
 class RunFiles:
     """metrics.jsonl (one line per epoch, appended as it ends), config.json,
-    params.msgpack. With several processes only process 0 writes."""
+    params.msgpack and checkpoints/. With several processes only process 0
+    writes."""
 
     def __init__(self, out: str | None, config: TrainConfig, environment: dict):
-        self.dir = Path(out) if out and jax.process_index() == 0 else None
+        self.out = Path(out) if out else None
+        self.dir = self.out if jax.process_index() == 0 else None
+        self.config = config
+        if self.out is not None and self.out.exists() and not self.out.is_dir():
+            raise JaxbatchError(f"output folder {self.out} is a file; pass --out a folder path")
         if self.dir is None:
             return
-        if self.dir.exists() and not self.dir.is_dir():
-            raise JaxbatchError(f"output folder {self.dir} is a file; pass --out a folder path")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics = self.dir / "metrics.jsonl"
-        # A new run starts a new log, and a previous run's parameters must not
-        # sit beside this run's config.json as if they were its own.
-        self.metrics.unlink(missing_ok=True)
-        (self.dir / "params.msgpack").unlink(missing_ok=True)
+        if not config.resume:
+            # A new run starts a new log, and a previous run's parameters and
+            # checkpoints must not sit beside this run's config.json as if they
+            # were its own.
+            self.metrics.unlink(missing_ok=True)
+            (self.dir / "params.msgpack").unlink(missing_ok=True)
+            checkpoint.clear(self.dir)
         record = {**dataclasses.asdict(config), "environment": environment}
         self._write_atomic("config.json", json.dumps(record, indent=2).encode())
 
     def _write_atomic(self, name: str, payload: bytes) -> None:
         write_atomic(self.dir / name, lambda tmp: tmp.write_bytes(payload))
 
+    def history(self, epochs_done: int) -> list:
+        """On resume: the metrics of the epochs the checkpoint has done. Lines
+        of later epochs (written after the checkpoint, before the run was
+        killed) are dropped, so the resumed run writes each epoch once."""
+        if self.out is None or not (self.out / "metrics.jsonl").exists():
+            return []
+        lines = (self.out / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+        kept = [r for r in records if r["epoch"] <= epochs_done]
+        if self.dir is not None and len(kept) != len(records):
+            self._write_atomic("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
+        return kept
+
     def epoch(self, record: dict) -> None:
         if self.dir is not None:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def checkpoint(self, position: dict, epoch_sums: dict, state) -> Path | None:
+        host_state = fetch(state)  # every process waits here; process 0 writes
+        if self.dir is None:
+            return None
+        return checkpoint.save(self.dir, position, epoch_sums, self.config, host_state, self.config.keep)
 
     def params(self, params) -> None:
         if self.dir is not None:
@@ -444,10 +486,17 @@ class Progress:
         self.last_finite = None
         self.steps: list = []  # with config.record_steps
 
-    def start_epoch(self, epoch: int, steps: int):
+    def start_epoch(self, epoch: int, steps: int, sums: dict | None = None):
+        """Start an epoch's sums at 0, or where a checkpoint left them."""
         self.epoch, self.epoch_steps = epoch, steps
-        self.loss_sum = self.correct = self.seen = 0.0
+        sums = sums or {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "last_finite": self.last_finite}
+        self.loss_sum, self.correct, self.seen = sums["loss_sum"], sums["correct"], sums["seen"]
+        self.last_finite = sums["last_finite"]
         self.notify({"kind": "epoch_start", "epoch": epoch, "steps": steps})
+
+    def sums(self) -> dict:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
+                "last_finite": self.last_finite}
 
     def push(self, start: int, stop: int, summary, trace):
         self.flush()
@@ -486,7 +535,8 @@ class Progress:
 
 
 def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=None,
-                       on_progress: Callable[[dict], None] | None = None) -> TrainResult:
+                       on_progress: Callable[[dict], None] | None = None,
+                       stop_requested: Callable[[], str | None] | None = None) -> TrainResult:
     """Train `config.model` on `config.dataset` and evaluate on the test split
     after every epoch. `params`, if given, replaces the model's initialisation.
 
@@ -495,6 +545,11 @@ def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=
     "step", "steps", "loss"} as each chunk of steps is accounted for, and
     {"kind": "epoch", **metrics}. With several processes only process 0 is
     told, and only it writes files.
+
+    `stop_requested()` is asked after every chunk of steps; when it returns a
+    reason (e.g. "SIGINT"), the run saves a checkpoint there and raises
+    `Interrupted`. With `config.resume` the run continues from the newest
+    checkpoint in `config.out`, exactly as if it had never stopped.
     """
     validate(config)
     mesh = data_mesh(config.devices)
@@ -502,12 +557,14 @@ def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=
     train_ds, test_ds = prepare_data(config, train_ds, test_ds)
     # float64 needs JAX's x64 mode while the run is traced and run.
     with enable_x64() if config.dtype == "float64" else contextlib.nullcontext():
-        return _train(config, mesh, params, train_ds, test_ds, on_progress or (lambda event: None))
+        return _train(config, mesh, params, train_ds, test_ds, on_progress or (lambda event: None),
+                      stop_requested or (lambda: None))
 
 
-def _train(config, mesh, params, train_ds, test_ds, on_progress) -> TrainResult:
+def _train(config, mesh, params, train_ds, test_ds, on_progress, stop_requested) -> TrainResult:
     env = environment(mesh)
     notify = on_progress if jax.process_index() == 0 else (lambda event: None)
+    ckpt = checkpoint.latest(config.out, config) if config.resume else None
     files = RunFiles(config.out, config, env)
     model = get_model(config.model)
 
@@ -527,12 +584,15 @@ def _train(config, mesh, params, train_ds, test_ds, on_progress) -> TrainResult:
     structure, optimizer_numbers = optimizer_settings(config, total_steps)
     numbers = {"inputs": input_numbers(config.input_scale, *stats, dtype=config.dtype),
                "optimizer": optimizer_numbers, "max_loss": np.float32(config.max_loss)}
+    state = (params, optim.build(structure, optimizer_numbers).init(params))
+    position = {"step": 0, "epoch": 1, "epoch_step": 0, "epochs_done": 0}
+    if ckpt is not None:
+        state, position = checkpoint.restore(ckpt, state), ckpt["position"]
     # Everything but the batches is replicated: parameters, optimiser state,
     # the numbers, and the uint8 dataset, which goes to every device once
     # (60,000 MNIST images are 47 MB; CIFAR-10's 50,000 are 154 MB). Each step
     # then gathers only its own B/K examples from its own copy: no device
     # builds more of a batch than its share, and no pixels cross devices.
-    state = (params, optim.build(structure, optimizer_numbers).init(params))
     state, numbers = place((state, numbers), replicated(mesh))
     train_data = place((train_ds.images, train_ds.labels), replicated(mesh))
     test_x, test_y = place((test_ds.images, test_ds.labels), replicated(mesh))
@@ -541,22 +601,35 @@ def _train(config, mesh, params, train_ds, test_ds, on_progress) -> TrainResult:
 
     notify({"kind": "start", "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "train_size": n, "test_size": len(test_ds), "devices": env["devices"],
-            "device_kind": env["device_kind"], "processes": env["processes"]})
+            "device_kind": env["device_kind"], "processes": env["processes"],
+            "resumed_from": None if ckpt is None else {**position, "path": str(ckpt["path"])}})
     progress = Progress(config, notify)
-    history, done = [], 0
-    for epoch in range(1, config.epochs + 1):
+    history = files.history(position["epochs_done"]) if ckpt is not None else []
+    done = position["step"] - position["epoch_step"]  # steps before this epoch
+    for epoch in range(position["epoch"], config.epochs + 1):
         if done >= total_steps:
             break
         t0 = time.perf_counter()
         epoch_steps = min(steps_per_epoch, total_steps - done)
-        progress.start_epoch(epoch, epoch_steps)
+        resumed = ckpt is not None and epoch == position["epoch"] and position["epoch_step"] > 0
+        progress.start_epoch(epoch, epoch_steps, ckpt["epoch_sums"] if resumed else None)
         # Every process draws the same permutation from (seed, epoch).
         idx, weights = (np.asarray(a) for a in epoch_batches(epoch_key(config.seed, epoch), n, config.batch_size))
-        for start in range(0, epoch_steps, chunk):
+        first = position["epoch_step"] if resumed else 0  # a chunk boundary: the chunks stay the same
+        for start in range(first, epoch_steps, chunk):
             stop = min(start + chunk, epoch_steps)
             batches = place((idx[start:stop], weights[start:stop]), by_example(mesh))
             state, summary, trace = chunk_fn(state, train_data, *batches, numbers)
             progress.push(start, stop, summary, trace)
+            reason = stop_requested()
+            every = config.checkpoint_every
+            due = every and (done + stop) // every > (done + start) // every and stop < epoch_steps
+            if (reason or due) and config.out:
+                progress.flush()  # a checkpoint holds only steps known not to have diverged
+                path = files.checkpoint({"step": done + stop, "epoch": epoch, "epoch_step": stop,
+                                         "epochs_done": epoch - 1}, progress.sums(), state)
+            if reason:
+                raise Interrupted(reason, epoch, stop, path if config.out else None)
         progress.flush()
         done += epoch_steps
         jax.block_until_ready(state)
@@ -574,6 +647,9 @@ def _train(config, mesh, params, train_ds, test_ds, on_progress) -> TrainResult:
         history.append(record)
         files.epoch(record)
         notify({"kind": "epoch", **record})
+        if config.out:
+            files.checkpoint({"step": done, "epoch": epoch + 1, "epoch_step": 0, "epochs_done": epoch},
+                             progress.sums(), state)
     final = jax.tree.map(jnp.asarray, fetch(state[0]))
     files.params(final)
     return TrainResult(final, history, progress.steps)
