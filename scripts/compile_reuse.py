@@ -49,9 +49,11 @@ def main() -> None:
         return
     import jax
 
-    from jaxbatch.machine import describe
+    import os
 
-    print(f"mlp on digits, 10 epochs, {args.repeats} fresh processes; {describe()}")
+    from jaxbatch.machine import cpu_model
+
+    print(f"mlp on digits, 10 epochs, {args.repeats} fresh processes; {cpu_model()}, {os.cpu_count()} cores")
     ratios = []
     for i in range(args.repeats):
         out = subprocess.run([sys.executable, __file__, "--child"], check=True, capture_output=True, text=True)
