@@ -74,6 +74,14 @@ def clear(out) -> None:
         path.unlink()
 
 
+def remove_partial(out) -> None:
+    """Drop what a save killed mid-write left: its temporary file (atomic.write_atomic
+    names it `.ckpt-<step>.msgpack.<pid>.tmp`). Readers never look at it anyway."""
+    where = folder(out)
+    for path in where.glob(".ckpt-*.tmp") if where.is_dir() else ():
+        path.unlink(missing_ok=True)
+
+
 def latest(out, config) -> dict:
     """The newest readable checkpoint in `out` whose settings match `config`'s."""
     found = paths(out)

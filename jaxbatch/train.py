@@ -404,6 +404,7 @@ class RunFiles:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics = self.dir / "metrics.jsonl"
+        checkpoint.remove_partial(self.dir)
         if not config.resume:
             # A new run starts a new log, and a previous run's parameters and
             # checkpoints must not sit beside this run's config.json as if they

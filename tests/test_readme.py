@@ -24,3 +24,14 @@ def test_readme_idea_snippet_runs_and_its_gradients_agree():
         g_mean = jax.tree.map(lambda g: g.mean(0), namespace["per_example_grads"](params, xs, ys))
     assert relative_difference(g_vmap, g_batched) <= 1e-6
     assert relative_difference(g_mean, g_batched) <= 1e-6
+
+
+def test_readme_install_extras_exist():
+    import tomllib
+
+    extras = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    text = README.read_text()
+    for name in ("test", "tfds", "torch", "cuda12", "tpu"):
+        assert name in extras and f".[{name}]" in text, name
+    assert any(req.startswith("jax[cuda12]") for req in extras["cuda12"])
+    assert any(req.startswith("jax[tpu]") for req in extras["tpu"])

@@ -76,7 +76,9 @@ def flag_name(setting: str | None) -> str | None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # the subcommand's own words, e.g. for the command that resumes a run
     try:
         return args.run(args) or 0
     except JaxbatchError as err:

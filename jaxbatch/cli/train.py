@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import shlex
+import signal
 import sys
 
 from jaxbatch.cli import non_negative_float, positive_float, positive_int
@@ -49,6 +52,13 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps in all")
     p.add_argument("--out", help="folder for metrics.jsonl, config.json and params.msgpack "
                    "(default runs/<recipe or model-dataset>)")
+    c = p.add_argument_group("checkpoints (in --out/checkpoints; see README: Checkpoints and resuming)")
+    c.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                   help="save a checkpoint every N steps too (always: at the end of every epoch, and on "
+                   "Ctrl-C or SIGTERM)")
+    c.add_argument("--keep", type=positive_int, metavar="N", help=f"checkpoints kept, newest first (default {d.keep})")
+    c.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out, exactly where it stopped")
     p.add_argument("--devices", type=positive_int,
                    help="data-parallel over the first N devices (default: every device; the batch size is global "
                    "and must divide by N)")
@@ -113,11 +123,45 @@ def format_seconds(seconds: float) -> str:
     raise AssertionError("unreachable")
 
 
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit status: 128 + the signal's number
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While training: Ctrl-C (SIGINT) or SIGTERM (what a cloud machine gets
+    before preemption) only asks the run to stop. Training checks between
+    chunks of steps, saves a checkpoint and raises train.Interrupted. The
+    handler then steps aside, so a second signal acts at once (Ctrl-C twice:
+    KeyboardInterrupt; SIGTERM twice: the process ends)."""
+    requested = []
+    previous = {}
+
+    def handler(signum, frame):
+        requested.append(signal.Signals(signum).name)
+        signal.signal(signum, previous[signum])
+
+    for signum in STOP_SIGNALS:
+        previous[signum] = signal.signal(signum, handler)
+    try:
+        yield lambda: requested[0] if requested else None
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def resume_command(argv: list[str], out: str) -> str:
+    """The command that continues this run: the same flags, plus --resume (and --out)."""
+    words = [w for w in argv if w != "--resume"]
+    if not any(w == "--out" or w.startswith("--out=") for w in words):
+        words += ["--out", out]
+    return shlex.join(["jaxbatch", "train", *words, "--resume"])
+
+
 def run(args) -> int:
     import jax
     from tqdm import tqdm
 
-    from jaxbatch.train import train_and_evaluate
+    from jaxbatch.train import Interrupted, train_and_evaluate
 
     start_distributed(args)
     config = build_config(args)
@@ -131,6 +175,10 @@ def run(args) -> int:
                   f"{event['test_size']} test examples, batch {config.batch_size}, "
                   f"{event['steps_per_epoch']} steps per epoch, {config.optimizer} lr {config.lr:g}, "
                   f"loss {config.loss}; {event['devices']} x {event['device_kind']}{hosts}", flush=True)
+            if event["resumed_from"]:
+                r = event["resumed_from"]
+                print(f"resuming from {r['path']}: epoch {r['epoch']}, step {r['epoch_step']} of the epoch "
+                      f"({r['step']} in all)", flush=True)
         elif event["kind"] == "epoch_start" and not args.quiet:
             # Created before the epoch's first step is launched, so its rate
             # counts the whole time the steps took (and compiling, in epoch 1).
@@ -148,7 +196,13 @@ def run(args) -> int:
                   f"test acc {event['test_accuracy']:.4f}  ({format_seconds(event['epoch_time_s'])})", flush=True)
 
     try:
-        result = train_and_evaluate(config, on_progress=on_progress)
+        with stop_on_signals() as stop_requested:
+            result = train_and_evaluate(config, on_progress=on_progress, stop_requested=stop_requested)
+    except Interrupted as stop:
+        if jax.process_index() == 0:
+            print(f"jaxbatch train: {stop}; resume with: {resume_command(args.argv, config.out)}",
+                  file=sys.stderr, flush=True)
+        return STOP_SIGNALS[signal.Signals[stop.reason]]
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,124 @@
+"""Checkpoints in one process: stop anywhere, resume, get the same run; keep
+the newest N; refuse a resume that would not be the same run. (Killed
+processes: tests/test_resume.py.)"""
+
+import json
+
+import pytest
+from flax import serialization
+
+from jaxbatch import checkpoint
+from jaxbatch.cli import main
+from jaxbatch.errors import JaxbatchError
+from jaxbatch.train import Interrupted, TrainConfig, train_and_evaluate
+
+# digits, batch 16: 85 steps per epoch in chunks of 9 (the last of 4).
+BASE = dict(epochs=2, batch_size=16, steps_per_chunk=9)
+
+
+def stop_after(calls: int):
+    """A stop_requested that asks to stop at its `calls`-th question (one per chunk)."""
+    asked = []
+
+    def requested():
+        asked.append(1)
+        return "SIGINT" if len(asked) == calls else None
+
+    return requested
+
+
+def lines(out):
+    return [{k: v for k, v in json.loads(line).items() if k != "epoch_time_s"}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    train_and_evaluate(TrainConfig(**BASE, out=str(out)))
+    return (out / "params.msgpack").read_bytes(), lines(out)
+
+
+# Stops: the first chunk, mid-epoch 1, its last chunk (the epoch's sums carried
+# over, its evaluation still to do), the first chunk of epoch 2.
+@pytest.mark.parametrize("calls", [1, 5, 10, 11])
+def test_stop_anywhere_and_resume_is_the_same_run(tmp_path, uninterrupted, calls):
+    config = TrainConfig(**BASE, out=str(tmp_path))
+    with pytest.raises(Interrupted) as stop:
+        train_and_evaluate(config, stop_requested=stop_after(calls))
+    assert stop.value.checkpoint.exists() and not (tmp_path / "params.msgpack").exists()
+    # A kill after the checkpoint can leave later lines in metrics.jsonl: the resume drops them.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "written": "after the checkpoint"}) + "\n")
+    events = []
+    train_and_evaluate(TrainConfig(**BASE, out=str(tmp_path), resume=True), on_progress=events.append)
+    assert events[0]["resumed_from"]["step"] == min(calls * 9, 85) + (calls > 10) * 9
+    params, history = uninterrupted
+    assert (tmp_path / "params.msgpack").read_bytes() == params
+    assert lines(tmp_path) == history
+
+
+def test_checkpoint_holds_the_position_sums_settings_and_state(tmp_path):
+    train_and_evaluate(TrainConfig(**BASE, out=str(tmp_path), checkpoint_every=20, keep=2))
+    names = [p.name for p in checkpoint.paths(tmp_path)]
+    assert names == ["ckpt-000000166.msgpack", "ckpt-000000170.msgpack"]  # the newest 2 of 10
+    saved = serialization.msgpack_restore((tmp_path / "checkpoints" / names[-1]).read_bytes())
+    assert saved["format"] == checkpoint.FORMAT
+    assert saved["position"] == {"step": 170, "epoch": 3, "epoch_step": 0, "epochs_done": 2}
+    assert set(saved["epoch_sums"]) == {"loss_sum", "correct", "seen", "last_finite"}
+    assert saved["settings"]["batch_size"] == 16 and "out" not in saved["settings"]
+    params, opt_state = saved["state"]["0"], saved["state"]["1"]
+    assert set(params["params"]) == {"hidden", "out"} and opt_state is not None
+
+
+def test_a_resume_with_other_settings_is_refused_naming_the_difference(tmp_path):
+    train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path)))
+    for change, setting in ((dict(batch_size=16), "batch_size"), (dict(model="mlp_scratch"), "model"),
+                            (dict(seed=1), "seed")):
+        with pytest.raises(JaxbatchError, match=f"made with {setting} ") as err:
+            train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path), resume=True, **change))
+        assert err.value.setting == setting
+    # Settings that do not change the numbers may change.
+    train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path), resume=True, keep=1, steps_per_chunk=5))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    train_and_evaluate(TrainConfig(epochs=2, out=str(tmp_path)))
+    first, second = checkpoint.paths(tmp_path)
+    second.write_bytes(second.read_bytes()[:100])
+    assert checkpoint.latest(tmp_path, TrainConfig(epochs=2, out=str(tmp_path)))["path"] == first
+    first.write_bytes(b"not msgpack at all")
+    with pytest.raises(JaxbatchError, match="no readable checkpoint"):
+        checkpoint.latest(tmp_path, TrainConfig(epochs=2, out=str(tmp_path)))
+
+
+def test_a_new_run_clears_the_previous_runs_checkpoints(tmp_path):
+    train_and_evaluate(TrainConfig(epochs=2, out=str(tmp_path)))
+    (tmp_path / "checkpoints" / ".ckpt-000000001.msgpack.123.tmp").write_bytes(b"half")  # a killed save
+    train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path)))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt-000000043.msgpack"]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--resume"], "no checkpoint in"),
+    (["--keep", "0"], "must be 1 or more"),
+    (["--checkpoint-every", "0"], "must be 1 or more"),
+])
+def test_bad_checkpoint_flags_are_one_line(tmp_path, capsys, argv, match):
+    out = tmp_path / "run"
+    try:
+        code = main(["train", "--quiet", "--out", str(out), *argv])
+    except SystemExit as exit:  # argparse
+        code = exit.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and match in err, err
+    assert not out.exists()  # nothing written
+
+
+def test_cli_mismatch_names_the_flag(tmp_path, capsys):
+    assert main(["train", "--quiet", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--quiet", "--epochs", "1", "--batch-size", "16", "--out", str(tmp_path), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "made with batch_size 32 and this run has 16; resume with the checkpoint's --batch-size" in err
