@@ -47,6 +47,9 @@ def test_recipe_flags_are_overridden_by_explicit_flags(tmp_path):
     (["--schedule", "warmup"], "needs --warmup-steps of 1 or more"),
     (["--nesterov", "--momentum", "0"], "--nesterov needs optimizer sgd"),
     (["--input-scale", "255", "--model", "fc_nobias", "--batch-size", "250"], "training diverged"),
+    (["--resume"], "no checkpoint in"),
+    (["--keep", "0"], "must be 1 or more"),
+    (["--checkpoint-every", "0"], "must be 1 or more"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, argv, match):
     out = tmp_path / "run"
