@@ -34,7 +34,7 @@ from jaxbatch.errors import JaxbatchError
 FORMAT = 1
 # Settings that do not change a run's numbers, so a resume may change them.
 FREE_SETTINGS = {"out", "data_dir", "source", "resume", "checkpoint_every", "keep", "steps_per_chunk",
-                 "unroll", "eval_batch_size", "devices", "record_steps"}
+                 "unroll", "eval_batch_size", "devices", "record_steps", "dp_epsilon"}
 
 
 def folder(out) -> Path:

@@ -178,3 +178,77 @@ def data_parallel_grad(apply_fn, params, xs, ys, mesh, loss_fn=cross_entropy):
 
     return shard_map(per_device, mesh=mesh, in_specs=(spec("data"), spec("data"), spec("data")),
                      out_specs=spec())(copies, xs, ys)
+
+
+# ---- where the ways part: per-example clipping (DP-SGD) ---------------------
+#
+# Everything above is linear in the g_i, so the mean of per-example gradients
+# is the batch gradient. Clipping is not: differentially private SGD (Abadi et
+# al. 2016, "Deep Learning with Differential Privacy") bounds every example's
+# influence by scaling its gradient to norm at most C before averaging,
+#
+#     g_bar = (1/B) sum_i g_i * min(1, C / ||g_i||),
+#
+# and clip(mean) != mean(clip) unless C is above every ||g_i||. So here one
+# example at a time is required, and vmap makes it cheap.
+
+
+def per_example_values_and_grads(apply_fn, params, xs, ys, loss_fn=cross_entropy):
+    """((l_i, outputs_i), g_i) for every example, from one vmapped value_and_grad."""
+    one = jax.value_and_grad(lambda p, x, y: example_loss_and_output(apply_fn, p, x, y, loss_fn), has_aux=True)
+    return jax.vmap(one, in_axes=(None, 0, 0))(params, xs, ys)
+
+
+def per_example_norms(grads):
+    """||g_i||: the L2 norm of each example's whole gradient (all parameter
+    arrays together), from per-example gradients with a leading batch axis."""
+    squares = [jnp.sum(jnp.reshape(g, (g.shape[0], -1)) ** 2, axis=1) for g in jax.tree.leaves(grads)]
+    return jnp.sqrt(sum(squares))
+
+
+def clip_factors(norms, clip):
+    """min(1, C / ||g_i||); 1 for a zero gradient."""
+    return jnp.minimum(1.0, clip / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))
+
+
+def _clipped_sum_one_chunk(apply_fn, params, xs, ys, weights, clip, loss_fn):
+    (losses, outputs), grads = per_example_values_and_grads(apply_fn, params, xs, ys, loss_fn)
+    norms = per_example_norms(grads)
+    scale = weights * clip_factors(norms, clip)
+    total = jax.tree.map(lambda g: jnp.tensordot(scale.astype(g.dtype), g, axes=1), grads)
+    return total, {"norms": norms, "losses": losses, "outputs": outputs}
+
+
+def clipped_grad_sum(apply_fn, params, xs, ys, clip, weights=None, loss_fn=cross_entropy, chunk=None):
+    """sum_i w_i * min(1, C / ||g_i||) * g_i, and per example {"norms": ||g_i||
+    (before clipping), "losses": l_i, "outputs"}. Weights (1 real, 0 padding)
+    drop padded examples.
+
+    With `chunk`, the batch is taken `chunk` examples at a time under lax.scan,
+    so only chunk x (number of parameters) gradient entries exist at once,
+    not B x: for a large model or batch that is what fits in memory. The
+    result is the same sum, added in another order (equal to rounding)."""
+    b = xs.shape[0]
+    weights = jnp.ones((b,), xs.dtype if jnp.issubdtype(xs.dtype, jnp.floating) else jnp.float32) \
+        if weights is None else weights
+    if chunk is None or chunk >= b:
+        return _clipped_sum_one_chunk(apply_fn, params, xs, ys, weights, clip, loss_fn)
+    pad = -b % chunk  # weight-0 examples to fill the last chunk
+    grow = lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+    split = lambda a: grow(a).reshape(-1, chunk, *a.shape[1:])
+
+    def body(total, part):
+        x, y, w = part
+        s, per_example = _clipped_sum_one_chunk(apply_fn, params, x, y, w, clip, loss_fn)
+        return jax.tree.map(jnp.add, total, s), per_example
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    total, per_example = jax.lax.scan(body, zeros, (split(xs), split(ys), split(weights)))
+    return total, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:b], per_example)
+
+
+def clipped_mean_grad(apply_fn, params, xs, ys, clip, loss_fn=cross_entropy, chunk=None):
+    """(1/B) sum_i g_i * min(1, C / ||g_i||): DP-SGD's clipped mean gradient,
+    before its noise (jaxbatch/privacy.py adds that). Returns (gradient, ||g_i||)."""
+    total, per_example = clipped_grad_sum(apply_fn, params, xs, ys, clip, loss_fn=loss_fn, chunk=chunk)
+    return jax.tree.map(lambda t: t / xs.shape[0], total), per_example["norms"]

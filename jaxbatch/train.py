@@ -49,11 +49,12 @@ from flax import serialization
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbatch import backends, checkpoint, optim
+from jaxbatch import backends, checkpoint, optim, privacy
 from jaxbatch import data as data_lib
 from jaxbatch.atomic import write_atomic
 from jaxbatch.errors import JaxbatchError
-from jaxbatch.losses import batched_loss_and_outputs, vmap_loss_and_outputs
+from jaxbatch.losses import (batched_loss_and_outputs, clipped_grad_sum, per_example_norms,
+                             per_example_values_and_grads, vmap_loss_and_outputs)
 from jaxbatch.models import get_model
 from jaxbatch.precision import enable_x64, matmul_precision
 
@@ -94,6 +95,14 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept in out/checkpoints
     resume: bool = False  # continue from the newest checkpoint in out
     dtype: str = "float32"  # parameters and inputs; "float64" for checks that need more digits
+    # Per-example clipping and DP-SGD (losses.clipped_grad_sum, privacy.py).
+    dp_clip: float | None = None  # clip every example's gradient to this L2 norm C before averaging
+    dp_noise: float | None = None  # noise multiplier sigma: add N(0, (sigma C)^2) to the clipped sum
+    dp_delta: float = 1e-5  # the delta at which epsilon is reported
+    dp_epsilon: float | None = None  # a privacy budget: refuse a run whose epsilon would exceed it
+    dp_chunk: int | None = None  # clip this many examples at a time (memory); None: the whole batch
+    log_noise_scale: bool = False  # the gradient noise scale B_simple, every epoch
+    noise_scale_every: int = 4  # measured on every k-th step: per-example norms cost extra
     eval_batch_size: int = 1000
     # A step loss above this counts as divergence, like NaN or inf. Chance-level
     # cross-entropy is ln(10) = 2.3; a loss of 1e4 means logits 1e4 apart: the
@@ -166,6 +175,20 @@ def validate(config: TrainConfig) -> None:
         raise JaxbatchError(f"{{setting}} must be 1 or more, got {config.keep}", setting="keep")
     if (config.resume or config.checkpoint_every) and not config.out:
         raise JaxbatchError("checkpoints live in the output folder: pass {setting} DIR", setting="out")
+    privacy.check_settings(config.dp_clip, config.dp_noise, config.dp_delta, config.dp_epsilon)
+    for field in ("dp_chunk", "noise_scale_every"):
+        if getattr(config, field) is not None and getattr(config, field) < 1:
+            raise JaxbatchError(f"{{setting}} must be 1 or more, got {getattr(config, field)}", setting=field)
+    if config.dp_clip is not None:
+        if config.loss == "batched":
+            raise JaxbatchError("clipping needs every example's own gradient, which the batched loss never "
+                                "forms; drop {setting} batched (the default, vmap, is per-example)", setting="loss")
+        if config.loss_reduction == "sum":
+            raise JaxbatchError("DP-SGD averages the clipped gradients over the batch; drop {setting} sum",
+                                setting="loss_reduction")
+        if config.log_noise_scale:
+            raise JaxbatchError("the noise scale reads unclipped per-example gradients, which a private run "
+                                "must not release; drop {setting} or the --dp- flags", setting="log_noise_scale")
     optim.check_schedule(config.schedule, config.warmup_steps)
     optim.build(*optimizer_settings(config, total_steps=1))  # unknown names, nesterov without momentum
     get_model(config.model)
@@ -211,50 +234,147 @@ def layer_norms(grads) -> dict:
             for path, g in jax.tree_util.tree_leaves_with_path(grads)}
 
 
-def train_step(state, batch, numbers, *, apply_fn, batch_loss, optimizer, reduction, record=False):
+class Gradient(NamedTuple):
+    """How a step gets its gradient; static, so each kind is its own program.
+
+    Plain: the gradient of the batch loss (`--loss` says vmap or batched).
+    clip: per-example gradients clipped to norm C, then averaged (DP-SGD's
+    clipping); noise: plus N(0, (sigma C)^2) on the clipped sum (DP-SGD).
+    noise_scale_every k: every k-th step computes per-example gradients
+    (their mean is the step's gradient, the same to rounding) to measure the
+    gradient noise scale; the other steps stay plain."""
+    clip: bool = False
+    noise: bool = False
+    chunk: int | None = None
+    noise_scale_every: int = 0
+
+
+def gradient_plan(config: TrainConfig) -> Gradient:
+    return Gradient(clip=config.dp_clip is not None, noise=config.dp_noise is not None, chunk=config.dp_chunk,
+                    noise_scale_every=config.noise_scale_every if config.log_noise_scale else 0)
+
+
+def dp_numbers(config: TrainConfig) -> dict:
+    """Clip norm, noise multiplier and noise seed, as arguments of the step
+    (a sweep over them compiles nothing new)."""
+    return {"clip": np.asarray(config.dp_clip or 0.0, config.dtype),
+            "noise": np.asarray(config.dp_noise or 0.0, config.dtype), "seed": np.uint32(config.seed)}
+
+
+def train_step(state, batch, numbers, *, apply_fn, batch_loss, optimizer, reduction, gradient=Gradient(),
+               record=False):
     """One optimiser step on one minibatch.
 
-    state: (params, opt_state); batch: (uint8 images, int labels, weights),
-    weights 1 for real examples and 0 for the padding of a last partial batch;
-    numbers: {"inputs": input_numbers(...), "optimizer": optim numbers}.
-    Returns the new state and {"loss" (the mean), "correct", "count"}, plus,
-    with `record`, the per-layer gradient norms and the fraction of examples
-    whose outputs are all exactly 0 (text C's dead network).
+    state: (params, opt_state); batch: (uint8 images, int labels, weights,
+    global step number), weights 1 for real examples and 0 for the padding of
+    a last partial batch; numbers: {"inputs": input_numbers(...), "optimizer":
+    optim numbers, "dp": dp_numbers(...)}. `gradient` says how the gradient is
+    formed (see Gradient). Returns the new state and {"loss" (the mean),
+    "correct", "count"}, the sums the gradient's kind adds (clipped examples,
+    noise-scale terms), and, with `record`, the per-layer gradient norms and
+    the fraction of examples whose outputs are all exactly 0 (text C's dead
+    network).
     """
     params, opt_state = state
-    pixels, labels, weights = batch
+    pixels, labels, weights, step = batch
     x = normalize(pixels, numbers["inputs"])
 
-    def objective(p):
-        return batch_loss(apply_fn, p, x, labels, weights, reduction=reduction)
+    def plain(p):
+        def objective(p):
+            return batch_loss(apply_fn, p, x, labels, weights, reduction=reduction)
 
-    (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(p)
+        return grads, loss, logits, {}
+
+    if gradient.clip:
+        grads, loss, logits, extra = clipped_gradient(params, x, labels, weights, step, numbers["dp"],
+                                                      apply_fn=apply_fn, gradient=gradient)
+    elif gradient.noise_scale_every:
+        def measured(p):
+            return noise_scale_gradient(p, x, labels, weights, apply_fn=apply_fn, reduction=reduction)
+
+        def unmeasured(p):
+            grads, loss, logits, _ = plain(p)
+            return grads, loss, logits, {k: jnp.zeros((), loss.dtype) for k in NOISE_SCALE_SUMS}
+
+        grads, loss, logits, extra = jax.lax.cond(step % gradient.noise_scale_every == 0, measured, unmeasured,
+                                                  params)
+    else:
+        grads, loss, logits, extra = plain(params)
     updates, opt_state = optim.build(optimizer, numbers["optimizer"]).update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     n = jnp.sum(weights)
     stats = {"loss": loss / n if reduction == "sum" else loss,
-             "correct": jnp.sum(weights * (jnp.argmax(logits, axis=-1) == labels)), "count": n}
+             "correct": jnp.sum(weights * (jnp.argmax(logits, axis=-1) == labels)), "count": n, **extra}
     if record:
         stats["grad_norm"] = layer_norms(grads)
         stats["zero_output_fraction"] = jnp.sum(weights * jnp.all(logits == 0, axis=-1)) / n
     return (params, opt_state), stats
 
 
+# Per-step sums a gradient kind adds to the stats (summed per epoch by Progress).
+CLIP_SUMS = ("clipped", "norm_sum")
+NOISE_SCALE_SUMS = ("ns_g2", "ns_trace", "ns_steps")
+
+
+def clipped_gradient(params, x, labels, weights, step, dp, *, apply_fn, gradient):
+    """DP-SGD's gradient: the clipped per-example gradients' sum (plus noise
+    with gradient.noise; privacy.noisy_mean) over the batch's real examples."""
+    total, per_example = clipped_grad_sum(apply_fn, params, x, labels, dp["clip"], weights, chunk=gradient.chunk)
+    n = jnp.sum(weights)
+    if gradient.noise:
+        grads = privacy.noisy_mean(total, dp["clip"], dp["noise"], privacy.step_key(dp["seed"], step), n)
+    else:
+        grads = jax.tree.map(lambda t: t / n, total)
+    norms = per_example["norms"]
+    loss = jnp.sum(weights * per_example["losses"]) / n
+    extra = {"clipped": jnp.sum(weights * (norms > dp["clip"])), "norm_sum": jnp.sum(weights * norms)}
+    return grads, loss, per_example["outputs"], extra
+
+
+def noise_scale_gradient(params, x, labels, weights, *, apply_fn, reduction):
+    """The step's gradient from per-example gradients, and the two unbiased
+    estimates of McCandlish et al. 2018 (appendix A.1) with B_small = 1 and
+    B_big = B, the batch:
+
+        |G_1|^2 = mean_i ||g_i||^2,   |G_B|^2 = ||mean_i g_i||^2
+        |G|^2   ~ (B |G_B|^2 - |G_1|^2) / (B - 1)
+        tr(S)   ~ (|G_1|^2 - |G_B|^2) / (1 - 1/B)
+
+    The noise scale B_simple = tr(S) / |G|^2 is taken per epoch from the sums
+    of numerator and denominator (smoothed separately, as the paper advises:
+    one step's |G|^2 estimate can be negative)."""
+    (losses, logits), grads = per_example_values_and_grads(apply_fn, params, x, labels)
+    n = jnp.sum(weights)
+    total = jax.tree.map(lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), grads)
+    mean = jax.tree.map(lambda t: t / n, total)
+    small = jnp.sum(weights * per_example_norms(grads) ** 2) / n
+    big = sum(jnp.sum(t**2) for t in jax.tree.leaves(mean))
+    loss = jnp.sum(weights * losses)
+    extra = {"ns_g2": (n * big - small) / (n - 1), "ns_trace": (small - big) * n / (n - 1),
+             "ns_steps": jnp.ones((), small.dtype)}
+    if reduction == "sum":
+        return total, loss, logits, extra
+    return mean, loss / n, logits, extra
+
+
 @partial(jax.jit, donate_argnums=0,
-         static_argnames=("apply_fn", "batch_loss", "optimizer", "reduction", "unroll", "record"))
-def run_chunk(state, data, idx, weights, numbers, *, apply_fn, batch_loss, optimizer, reduction,
-              unroll=1, record=False):
+         static_argnames=("apply_fn", "batch_loss", "optimizer", "reduction", "gradient", "unroll", "record"))
+def run_chunk(state, data, idx, weights, steps, numbers, *, apply_fn, batch_loss, optimizer, reduction,
+              gradient=Gradient(), unroll=1, record=False):
     """`len(idx)` steps under lax.scan; idx (k, B) indexes the on-device data
-    (images, labels). Returns the new state, `summarize`'s few numbers, and
-    the per-step stats when `record` (else None)."""
+    (images, labels), steps (k,) are the steps' global numbers. Returns the
+    new state, `summarize`'s few numbers, and the per-step stats when
+    `record` (else None)."""
     images, labels = data
 
-    def body(state, iw):
-        i, w = iw
-        return train_step(state, (images[i], labels[i], w), numbers, apply_fn=apply_fn, batch_loss=batch_loss,
-                          optimizer=optimizer, reduction=reduction, record=record)
+    def body(state, iws):
+        i, w, step = iws
+        return train_step(state, (images[i], labels[i], w, step), numbers, apply_fn=apply_fn,
+                          batch_loss=batch_loss, optimizer=optimizer, reduction=reduction, gradient=gradient,
+                          record=record)
 
-    state, stats = jax.lax.scan(body, state, (idx, weights), unroll=unroll)
+    state, stats = jax.lax.scan(body, state, (idx, weights, steps), unroll=unroll)
     return state, summarize(stats, numbers["max_loss"]), (stats if record else None)
 
 
@@ -269,7 +389,8 @@ def summarize(stats, max_loss):
     return {"first_bad": jnp.where(bad[first], first, -1), "bad_loss": losses[first],
             "before_bad": losses[jnp.maximum(first - 1, 0)], "last_loss": losses[-1],
             "loss_sum": jnp.sum(losses * stats["count"]), "correct": jnp.sum(stats["correct"]),
-            "count": jnp.sum(stats["count"])}
+            "count": jnp.sum(stats["count"]),
+            "extra": {k: jnp.sum(stats[k]) for k in CLIP_SUMS + NOISE_SCALE_SUMS if k in stats}}
 
 
 def as_batches(order, batch_size: int):
@@ -493,11 +614,12 @@ class Progress:
         sums = sums or {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "last_finite": self.last_finite}
         self.loss_sum, self.correct, self.seen = sums["loss_sum"], sums["correct"], sums["seen"]
         self.last_finite = sums["last_finite"]
+        self.extra = dict(sums.get("extra", {}))  # the gradient kind's own sums (Gradient)
         self.notify({"kind": "epoch_start", "epoch": epoch, "steps": steps})
 
     def sums(self) -> dict:
         return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
-                "last_finite": self.last_finite}
+                "last_finite": self.last_finite, "extra": dict(self.extra)}
 
     def push(self, start: int, stop: int, summary, trace):
         self.flush()
@@ -522,6 +644,8 @@ class Progress:
         self.loss_sum += float(s["loss_sum"])
         self.correct += float(s["correct"])
         self.seen += float(s["count"])
+        for k, v in s["extra"].items():
+            self.extra[k] = self.extra.get(k, 0.0) + float(v)
         self.notify({"kind": "chunk", "epoch": self.epoch, "step": stop, "steps": self.epoch_steps,
                      "loss": self.last_finite})
 
@@ -533,6 +657,23 @@ class Progress:
                     "loss": float(loss) if finite else None,
                     "zero_output_fraction": float(trace["zero_output_fraction"][i]) if finite else None,
                     "grad_norm": {k: float(v[i]) if finite else None for k, v in trace["grad_norm"].items()}})
+
+
+def gradient_metrics(config: TrainConfig, progress: Progress, sampling_rate: float, steps_done: int) -> dict:
+    """What an epoch line adds for clipping, DP-SGD and the noise scale."""
+    extra, record = progress.extra, {}
+    if config.dp_clip is not None:
+        record["clipped_fraction"] = extra["clipped"] / progress.seen  # examples whose gradient was clipped
+        record["mean_grad_norm"] = extra["norm_sum"] / progress.seen  # mean ||g_i|| before clipping
+    if config.dp_noise is not None:
+        record["epsilon"] = privacy.epsilon(sampling_rate, config.dp_noise, steps_done, config.dp_delta)
+        record["delta"] = config.dp_delta
+    if config.log_noise_scale and extra.get("ns_steps"):
+        k = extra["ns_steps"]
+        record["noise_scale"] = extra["ns_trace"] / extra["ns_g2"]  # B_simple = tr(S) / |G|^2, epoch means
+        record["noise_scale_trace"], record["noise_scale_g2"] = extra["ns_trace"] / k, extra["ns_g2"] / k
+        record["noise_scale_steps"] = int(k)
+    return record
 
 
 def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=None,
@@ -566,14 +707,22 @@ def _train(config, mesh, params, train_ds, test_ds, on_progress, stop_requested)
     env = environment(mesh)
     notify = on_progress if jax.process_index() == 0 else (lambda event: None)
     ckpt = checkpoint.latest(config.out, config) if config.resume else None
-    files = RunFiles(config.out, config, env)
-    model = get_model(config.model)
-
     n = len(train_ds)
     steps_per_epoch = -(-n // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
+    # DP-SGD: q = B / N per step; the epsilon the whole run will reach, known
+    # (and checked against a budget) before anything is written or compiled.
+    sampling_rate = config.batch_size / n
+    final_epsilon = None
+    if config.dp_noise is not None:
+        final_epsilon = (privacy.check_budget(sampling_rate, config.dp_noise, total_steps, config.dp_delta,
+                                              config.dp_epsilon) if config.dp_epsilon is not None
+                         else privacy.epsilon(sampling_rate, config.dp_noise, total_steps, config.dp_delta))
+
+    files = RunFiles(config.out, config, env)
+    model = get_model(config.model)
 
     if params is None:
         params = init_params(config, train_ds.image_shape)
@@ -584,7 +733,7 @@ def _train(config, mesh, params, train_ds, test_ds, on_progress, stop_requested)
     stats = channel_stats(train_ds.images, config.input_scale) if config.standardize else (None, None)
     structure, optimizer_numbers = optimizer_settings(config, total_steps)
     numbers = {"inputs": input_numbers(config.input_scale, *stats, dtype=config.dtype),
-               "optimizer": optimizer_numbers, "max_loss": np.float32(config.max_loss)}
+               "optimizer": optimizer_numbers, "max_loss": np.float32(config.max_loss), "dp": dp_numbers(config)}
     state = (params, optim.build(structure, optimizer_numbers).init(params))
     position = {"step": 0, "epoch": 1, "epoch_step": 0, "epochs_done": 0}
     if ckpt is not None:
@@ -598,12 +747,14 @@ def _train(config, mesh, params, train_ds, test_ds, on_progress, stop_requested)
     train_data = place((train_ds.images, train_ds.labels), replicated(mesh))
     test_x, test_y = place((test_ds.images, test_ds.labels), replicated(mesh))
     chunk_fn = partial(run_chunk, apply_fn=model.apply, batch_loss=LOSSES[config.loss], optimizer=structure,
-                       reduction=config.loss_reduction, unroll=unroll, record=config.record_steps > 0)
+                       reduction=config.loss_reduction, gradient=gradient_plan(config), unroll=unroll,
+                       record=config.record_steps > 0)
 
     notify({"kind": "start", "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "train_size": n, "test_size": len(test_ds), "devices": env["devices"],
             "device_kind": env["device_kind"], "processes": env["processes"],
-            "resumed_from": None if ckpt is None else {**position, "path": str(ckpt["path"])}})
+            "resumed_from": None if ckpt is None else {**position, "path": str(ckpt["path"])},
+            "final_epsilon": final_epsilon})
     progress = Progress(config, notify)
     history = files.history(position["epochs_done"]) if ckpt is not None else []
     done = position["step"] - position["epoch_step"]  # steps before this epoch
@@ -620,7 +771,8 @@ def _train(config, mesh, params, train_ds, test_ds, on_progress, stop_requested)
         for start in range(first, epoch_steps, chunk):
             stop = min(start + chunk, epoch_steps)
             batches = place((idx[start:stop], weights[start:stop]), by_example(mesh))
-            state, summary, trace = chunk_fn(state, train_data, *batches, numbers)
+            steps = place(np.arange(done + start, done + stop, dtype=np.int32), replicated(mesh))
+            state, summary, trace = chunk_fn(state, train_data, *batches, steps, numbers)
             progress.push(start, stop, summary, trace)
             reason = stop_requested()
             every = config.checkpoint_every
@@ -644,6 +796,7 @@ def _train(config, mesh, params, train_ds, test_ds, on_progress, stop_requested)
             "epoch_time_s": train_time,
             "lr_end": float(optim.make_schedule(config.schedule, config.lr, config.warmup_steps, total_steps)(done)),
             "devices": env["devices"], "device_kind": env["device_kind"],
+            **gradient_metrics(config, progress, sampling_rate, done),
         }
         history.append(record)
         files.epoch(record)

@@ -59,6 +59,20 @@ def add_parser(sub) -> None:
     c.add_argument("--keep", type=positive_int, metavar="N", help=f"checkpoints kept, newest first (default {d.keep})")
     c.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --out, exactly where it stopped")
+    q = p.add_argument_group("per-example clipping, DP-SGD and the gradient noise scale (README: Private training)")
+    q.add_argument("--dp-clip", type=float, metavar="C",
+                   help="clip every example's gradient to L2 norm C before averaging")
+    q.add_argument("--dp-noise", type=float, metavar="SIGMA",
+                   help="DP-SGD: add Gaussian noise of std SIGMA * C to the clipped sum; epsilon is reported")
+    q.add_argument("--dp-delta", type=float, metavar="DELTA", help=f"the delta of epsilon (default {d.dp_delta:g})")
+    q.add_argument("--dp-epsilon", type=float, metavar="EPS",
+                   help="a privacy budget: refuse to start a run whose epsilon would exceed it")
+    q.add_argument("--dp-chunk", type=positive_int, metavar="N",
+                   help="clip N examples at a time (less memory; default: the whole batch)")
+    q.add_argument("--log-noise-scale", action="store_true",
+                   help="log the gradient noise scale B_simple every epoch")
+    q.add_argument("--noise-scale-every", type=positive_int, metavar="K",
+                   help=f"measure it on every K-th step (default {d.noise_scale_every})")
     p.add_argument("--devices", type=positive_int,
                    help="data-parallel over the first N devices (default: every device; the batch size is global "
                    "and must divide by N)")
@@ -157,6 +171,18 @@ def resume_command(argv: list[str], out: str) -> str:
     return shlex.join(["jaxbatch", "train", *words, "--resume"])
 
 
+def epoch_extras(event: dict) -> str:
+    """The epoch line's additions for clipping, DP-SGD and the noise scale."""
+    parts = []
+    if "clipped_fraction" in event:
+        parts.append(f"clipped {event['clipped_fraction']:.0%}")
+    if "epsilon" in event:
+        parts.append(f"epsilon {event['epsilon']:.3g}")
+    if "noise_scale" in event:
+        parts.append(f"noise scale {event['noise_scale']:.4g}")
+    return "".join(f"  {p}" for p in parts)
+
+
 def run(args) -> int:
     import jax
     from tqdm import tqdm
@@ -175,6 +201,10 @@ def run(args) -> int:
                   f"{event['test_size']} test examples, batch {config.batch_size}, "
                   f"{event['steps_per_epoch']} steps per epoch, {config.optimizer} lr {config.lr:g}, "
                   f"loss {config.loss}; {event['devices']} x {event['device_kind']}{hosts}", flush=True)
+            if event["final_epsilon"] is not None:
+                print(f"DP-SGD: clip {config.dp_clip:g}, noise multiplier {config.dp_noise:g}; after "
+                      f"{event['total_steps']} steps epsilon {event['final_epsilon']:.3g} at delta "
+                      f"{config.dp_delta:g}", flush=True)
             if event["resumed_from"]:
                 r = event["resumed_from"]
                 print(f"resuming from {r['path']}: epoch {r['epoch']}, step {r['epoch_step']} of the epoch "
@@ -193,7 +223,8 @@ def run(args) -> int:
                 bar = None
             print(f"epoch {event['epoch']:3d}  train loss {event['train_loss']:.4f}  "
                   f"train acc {event['train_accuracy']:.4f}  test loss {event['test_loss']:.4f}  "
-                  f"test acc {event['test_accuracy']:.4f}  ({format_seconds(event['epoch_time_s'])})", flush=True)
+                  f"test acc {event['test_accuracy']:.4f}{epoch_extras(event)}  "
+                  f"({format_seconds(event['epoch_time_s'])})", flush=True)
 
     try:
         with stop_on_signals() as stop_requested:

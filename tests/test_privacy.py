@@ -1,0 +1,144 @@
+"""Per-example clipping against a direct loop (float64), DP-SGD's noise and
+accounting, and the gradient noise scale measured during training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbatch import losses, privacy
+from jaxbatch.errors import JaxbatchError
+from jaxbatch.models import get_model
+from jaxbatch.precision import enable_x64, relative_difference
+from jaxbatch.train import Interrupted, TrainConfig, noise_scale_gradient, train_and_evaluate
+
+
+def setup(name, b=6, shape=(8, 8, 1)):
+    model = get_model(name)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros(shape))
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    rng = np.random.default_rng(1)
+    return model, params, rng.random((b, *shape)), rng.integers(0, 10, b)
+
+
+def loop_clipped_mean(model, params, xs, ys, clip):
+    """The definition, one example at a time in NumPy: g_i, ||g_i||, scale, average."""
+    grad_one = losses.example_grad_fn(model.apply)
+    total, norms = None, []
+    for x, y in zip(xs, ys):
+        g = jax.tree.map(np.asarray, grad_one(params, x, y))
+        norm = np.sqrt(sum(np.sum(a**2) for a in jax.tree.leaves(g)))
+        norms.append(norm)
+        scaled = jax.tree.map(lambda a: a * min(1.0, clip / norm), g)
+        total = scaled if total is None else jax.tree.map(np.add, total, scaled)
+    return jax.tree.map(lambda t: t / len(ys), total), np.array(norms)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("chunk", [None, 4])  # 4: a chunk of 4 and a padded one of 2
+def test_clipped_mean_is_the_per_example_loop_in_float64(name, chunk):
+    with enable_x64():
+        model, params, xs, ys = setup(name)
+        _, norms = loop_clipped_mean(model, params, xs, ys, 1.0)
+        clip = float(np.median(norms))  # half the examples clipped, half not
+        expected, norms = loop_clipped_mean(model, params, xs, ys, clip)
+        got, got_norms = jax.jit(lambda p, x, y: losses.clipped_mean_grad(model.apply, p, x, y, clip, chunk=chunk))(
+            params, xs, ys)
+    assert relative_difference(got, expected) <= 1e-12
+    np.testing.assert_allclose(got_norms, norms, rtol=1e-12)
+
+
+def test_clipping_is_where_the_ways_part():
+    with enable_x64():
+        model, params, xs, ys = setup("mlp")
+        mean = losses.mean_per_example_grads(model.apply, params, xs, ys)
+        _, norms = losses.clipped_mean_grad(model.apply, params, xs, ys, 1.0)
+        # C below the norms: the mean of clipped gradients is not the clipped mean.
+        small = float(norms.min()) / 2
+        clipped, _ = losses.clipped_mean_grad(model.apply, params, xs, ys, small)
+        mean_norm = np.sqrt(sum(np.sum(np.asarray(a) ** 2) for a in jax.tree.leaves(mean)))
+        clip_of_mean = jax.tree.map(lambda a: a * min(1.0, small / mean_norm), mean)
+        assert relative_difference(clipped, clip_of_mean) > 1e-2
+        # C at or above every norm: nothing is clipped, both are the plain mean gradient.
+        unclipped, _ = losses.clipped_mean_grad(model.apply, params, xs, ys, float(norms.max()))
+        assert relative_difference(unclipped, mean) <= 1e-12
+
+
+def test_noisy_mean_has_the_stated_noise():
+    total = {"w": jnp.zeros((200_000,)), "b": jnp.ones((3,))}
+    out = privacy.noisy_mean(total, 2.0, 1.5, privacy.step_key(0, 7), 4.0)
+    std = float(jnp.std(out["w"] * 4.0))
+    assert abs(std - 1.5 * 2.0) < 0.02 * 3.0  # sigma C, to 2% with 200k draws
+    again = privacy.noisy_mean(total, 2.0, 1.5, privacy.step_key(0, 7), 4.0)
+    assert np.array_equal(out["w"], again["w"])  # (seed, step) alone decide the noise
+    other = privacy.noisy_mean(total, 2.0, 1.5, privacy.step_key(0, 8), 4.0)
+    assert not np.array_equal(out["w"], other["w"])
+
+
+def test_accounting_matches_the_librarys_own_example():
+    # dp_accounting's rdp_privacy_accountant_test: noise 4.530877117, sampled
+    # always (q = 1), one step, is (1, 1e-6)-DP. Its test uses a finer grid of
+    # RDP orders than the accountant's default, so ours is that bound or a bit above.
+    eps = privacy.epsilon(1.0, 4.530877117, 1, 1e-6)
+    assert 1.0 <= eps < 1.03
+    # More steps cost more; more noise costs less.
+    assert privacy.epsilon(0.01, 1.1, 2000, 1e-5) > privacy.epsilon(0.01, 1.1, 1000, 1e-5)
+    assert privacy.epsilon(0.01, 2.0, 1000, 1e-5) < privacy.epsilon(0.01, 1.1, 1000, 1e-5)
+
+
+def test_private_training_reports_epsilon_and_resumes_exactly(tmp_path):
+    config = dict(epochs=2, batch_size=32, steps_per_chunk=10, dp_clip=1.0, dp_noise=1.0)
+    full = train_and_evaluate(TrainConfig(**config, out=str(tmp_path / "full")))
+    eps = [h["epsilon"] for h in full.history]
+    assert eps[0] < eps[1] == pytest.approx(privacy.epsilon(32 / 1347, 1.0, 86, 1e-5))
+    assert all(0 < h["clipped_fraction"] <= 1 and h["mean_grad_norm"] > 0 for h in full.history)
+    clip_only = train_and_evaluate(TrainConfig(**{**config, "dp_noise": None}))
+    assert relative_difference(clip_only.params, full.params) > 1e-3  # the noise is really added
+    asked = []
+    with pytest.raises(Interrupted):
+        train_and_evaluate(TrainConfig(**config, out=str(tmp_path / "cut")),
+                           stop_requested=lambda: "SIGINT" if asked.append(1) or len(asked) == 3 else None)
+    train_and_evaluate(TrainConfig(**config, out=str(tmp_path / "cut"), resume=True))
+    assert (tmp_path / "cut" / "params.msgpack").read_bytes() == (tmp_path / "full" / "params.msgpack").read_bytes()
+
+
+def test_noise_scale_estimators_follow_mccandlish():
+    with enable_x64():
+        model, params, xs, ys = setup("mlp", b=8)
+        weights = np.ones(8)
+        grads, _, _, extra = noise_scale_gradient(params, xs, ys, weights, apply_fn=model.apply, reduction="mean")
+        g = losses.per_example_grads(model.apply, params, xs, ys)
+        flat = np.concatenate([np.asarray(a).reshape(8, -1) for a in jax.tree.leaves(g)], axis=1)
+        small, big = np.mean(np.sum(flat**2, axis=1)), np.sum(flat.mean(0) ** 2)
+        np.testing.assert_allclose(float(extra["ns_g2"]), (8 * big - small) / 7, rtol=1e-12)
+        np.testing.assert_allclose(float(extra["ns_trace"]), (small - big) / (1 - 1 / 8), rtol=1e-12)
+        # Unbiased for tr(S): the per-example covariance's trace, with the sample's 1/(B-1).
+        np.testing.assert_allclose(float(extra["ns_trace"]), np.sum(np.var(flat, axis=0, ddof=1)), rtol=1e-10)
+        assert relative_difference(grads, losses.batched_grad(model.apply, params, xs, ys)) <= 1e-12
+
+
+def test_logging_the_noise_scale_trains_the_same_run():
+    plain = train_and_evaluate(TrainConfig(epochs=2))
+    logged = train_and_evaluate(TrainConfig(epochs=2, log_noise_scale=True, noise_scale_every=3))
+    assert relative_difference(logged.params, plain.params) <= 1e-5  # per-example mean = batched, to rounding
+    # Steps are numbered across epochs: 0, 3, ..., 42 in epoch 1 (43 steps), 45, ..., 84 in epoch 2.
+    assert [h["noise_scale_steps"] for h in logged.history] == [15, 14]
+    for h in logged.history:
+        assert h["noise_scale"] == pytest.approx(h["noise_scale_trace"] / h["noise_scale_g2"])
+        assert 1 < h["noise_scale"] < 1e4
+
+
+@pytest.mark.parametrize("change,setting", [
+    (dict(dp_clip=0.0), "dp_clip"), (dict(dp_clip=-1.0), "dp_clip"),
+    (dict(dp_clip=1.0, dp_noise=-0.5), "dp_noise"), (dict(dp_noise=1.0), "dp_noise"),
+    (dict(dp_clip=1.0, dp_noise=1.0, dp_delta=0.0), "dp_delta"),
+    (dict(dp_clip=1.0, dp_noise=1.0, dp_delta=1.5), "dp_delta"),
+    (dict(dp_clip=1.0, dp_noise=0.5, dp_epsilon=1.0), "dp_epsilon"),  # the accountant cannot get there
+    (dict(dp_clip=1.0, loss="batched"), "loss"),
+    (dict(dp_clip=1.0, log_noise_scale=True), "log_noise_scale"),
+])
+def test_bad_private_settings_are_one_line_and_write_nothing(tmp_path, change, setting):
+    with pytest.raises(JaxbatchError) as err:
+        train_and_evaluate(TrainConfig(out=str(tmp_path / "run"), **change))
+    assert err.value.setting == setting and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
