@@ -50,6 +50,11 @@ def test_recipe_flags_are_overridden_by_explicit_flags(tmp_path):
     (["--resume"], "no checkpoint in"),
     (["--keep", "0"], "must be 1 or more"),
     (["--checkpoint-every", "0"], "must be 1 or more"),
+    (["--dp-clip", "0"], "--dp-clip is the largest norm a per-example gradient keeps"),
+    (["--dp-clip", "1", "--dp-noise", "-1"], "--dp-noise must be greater than 0"),
+    (["--dp-noise", "1"], "pass --dp-clip C too"),
+    (["--dp-clip", "1", "--dp-noise", "1", "--dp-delta", "2"], "--dp-delta must be between 0 and 1"),
+    (["--dp-clip", "1", "--dp-noise", "0.5", "--dp-epsilon", "1"], "above the budget 1; raise --dp-noise"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, argv, match):
     out = tmp_path / "run"
