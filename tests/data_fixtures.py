@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import pickle
 import tarfile
 from pathlib import Path
@@ -55,6 +56,69 @@ def cifar_pickle_bytes(images, labels) -> bytes:
     return pickle.dumps(batch, protocol=2)
 
 
+def cifar_py2_pickle_bytes(images, labels) -> bytes:
+    """A batch pickled the way the official files were: Python 2 cPickle, protocol 2.
+
+    Python 3 cannot write this: keys, file names and the pixel buffer are
+    Python 2 `str` (SHORT_BINSTRING / BINSTRING, unpickled as bytes with
+    encoding="bytes"), the array is numpy.core.multiarray._reconstruct then
+    BUILD, and memo indices start at 1.
+    """
+    planar = np.asarray(images, np.uint8).transpose(0, 3, 1, 2).reshape(len(images), -1)
+    out = []  # opcodes in order
+    memo = itertools.count(1)
+
+    def put():  # BINPUT: one byte of index, so keep the batch under about 100 images
+        out.append(b"q" + bytes([next(memo)]))
+
+    def text(value: bytes):  # a Python 2 str
+        size = len(value)
+        out.append((b"U" + bytes([size]) if size < 256 else b"T" + size.to_bytes(4, "little")) + value)
+        put()
+
+    def integer(value: int):
+        out.append(b"K" + bytes([value]) if value < 256 else b"J" + value.to_bytes(4, "little", signed=True))
+
+    out.append(b"\x80\x02}")
+    put()
+    out.append(b"(")
+    text(b"data")
+    out.append(b"cnumpy.core.multiarray\n_reconstruct\n")
+    put()
+    out.append(b"cnumpy\nndarray\n")
+    put()
+    out.append(b"K\x00\x85")
+    text(b"b")
+    out.append(b"\x87R")
+    put()
+    out.append(b"(K\x01")
+    integer(planar.shape[0])
+    integer(planar.shape[1])
+    out.append(b"\x86cnumpy\ndtype\n")
+    put()
+    text(b"u1")
+    out.append(b"K\x00K\x01\x87R")
+    put()
+    out.append(b"(K\x03")
+    text(b"|")
+    out.append(b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89")
+    text(planar.tobytes())
+    out.append(b"tb")
+    for key, values in ((b"labels", [int(y) for y in labels]),
+                        (b"filenames", [f"image_{i}.png".encode() for i in range(len(labels))])):
+        text(key)
+        out.append(b"]")
+        put()
+        out.append(b"(")
+        for value in values:
+            integer(value) if isinstance(value, int) else text(value)
+        out.append(b"e")
+    text(b"batch_label")
+    text(b"testing batch 1 of 1")
+    out.append(b"u.")
+    return b"".join(out)
+
+
 def cifar_batches(images, labels, split: str):
     """(batch name, images, labels): train in 5 batches, test in 1, like the release."""
     if split == "test":
@@ -64,11 +128,14 @@ def cifar_batches(images, labels, split: str):
 
 
 def write_tar(path: Path, members: dict, mode: str = "w:gz") -> Path:
-    """A tarball holding {member name: bytes, or None for a folder}."""
+    """A tarball holding {member name: bytes, None for a folder, or a TarInfo (a link, a device)}."""
     with tarfile.open(path, mode) as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
-            if data is None:
+            if isinstance(data, tarfile.TarInfo):
+                data.name = name
+                tar.addfile(data)
+            elif data is None:
                 info.type = tarfile.DIRTYPE
                 tar.addfile(info)
             else:

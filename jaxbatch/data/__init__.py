@@ -6,8 +6,9 @@ the class names, and the dataset's name.
 
 Where they come from: digits.py (bundled with scikit-learn), files.py (the
 canonical files in a data folder: idx.py, cifar.py, imagefolder.py, with
-cache.py for slow ones), tfds_source.py (tensorflow-datasets); download.py
-fetches the canonical files. catalog.py says what each dataset is.
+tarballs.py to read archives and cache.py for slow ones), tfds_source.py
+(tensorflow-datasets); download.py fetches the canonical files. catalog.py
+says what each dataset is.
 """
 
 from __future__ import annotations

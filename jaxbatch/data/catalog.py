@@ -124,6 +124,15 @@ def check_split(split: str) -> None:
         raise JaxbatchError(f"unknown split {split!r}; choose 'train' or 'test'")
 
 
+def one_line(text) -> str:
+    """`text` with its whitespace runs made single spaces.
+
+    Messages quote other libraries' errors (zlib, tarfile, Pillow, numpy),
+    which may span lines; a JaxbatchError is always one line.
+    """
+    return " ".join(str(text).split())
+
+
 def check_arrays(images, labels, spec: DatasetSpec, where, labels_where=None) -> None:
     """Fail with one line if (images, labels) do not fit the dataset's entry.
 

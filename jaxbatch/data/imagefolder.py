@@ -9,20 +9,23 @@ Decoding tens of thousands of small images takes seconds, so it runs in a
 pool of threads (Pillow releases the GIL while it decodes; threads, unlike
 worker processes, also work from notebooks and unguarded scripts and never
 fork a process running JAX), and `files.py` caches the result.
+
+A tarball is read member by member into memory and never extracted, so
+nothing is written to disk; links, devices, FIFOs and paths leaving the
+archive are refused (tarballs.py).
 """
 
 from __future__ import annotations
 
 import io
 import itertools
-import tarfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from jaxbatch.data.catalog import DatasetSpec
+from jaxbatch.data import tarballs
+from jaxbatch.data.catalog import DatasetSpec, one_line
 from jaxbatch.errors import JaxbatchError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -30,6 +33,7 @@ TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 WORKERS = 2
 PARALLEL_MIN = 2048  # below this, a pool costs more than it saves
 CHUNK = 2500  # images per task
+MAX_IMAGE_BYTES = 1 << 24  # no PNG or JPEG of a catalogued image size comes near 16 MiB
 
 
 def image_folder_source(folder: Path, split: str) -> Path | None:
@@ -122,35 +126,34 @@ def _walk_folder(root: Path):
         for path in sorted(entry.iterdir()):
             if _is_hidden([path.name]):
                 continue
-            if not path.is_file():
+            if path.is_dir():
                 raise JaxbatchError(f"{path}: nested folders are not part of the image-folder layout")
+            if not path.is_file():
+                raise JaxbatchError(f"{path}: not a regular file; a class folder holds only images")
             _check_image_name(path.name, str(path))
             yield entry.name, str(path), path
 
 
 def _walk_tar(path: Path, split: str):
-    """(class folder, display name, bytes) for `<split>/<class>/<image>` members; bytes None for a folder."""
-    try:
-        with tarfile.open(path, "r:" if path.suffix == ".tar" else "r:gz") as tar:
-            for member in tar:
-                parts = PurePosixPath(member.name).parts
-                if parts and parts[0] == split:  # `train/cat/1.jpg`, or just `cat/1.jpg`
-                    parts = parts[1:]
-                if not parts or _is_hidden(parts):
-                    continue
-                where = f"{path}:{member.name}"
-                if member.isdir():
-                    if len(parts) == 1:
-                        yield parts[0], where, None
-                    continue
-                if not member.isfile():
-                    continue
-                if len(parts) != 2:
-                    raise JaxbatchError(f"{where}: expected {split}/<class>/<image>")
-                _check_image_name(parts[1], where)
-                yield parts[0], where, tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        raise JaxbatchError(f"{path}: corrupt or truncated archive ({err}); download or copy it again")
+    """(class folder, display name, bytes) for `<split>/<class>/<image>` members; bytes None for a folder.
+
+    Members are read into memory, never extracted; tarballs.members refuses
+    links, devices and paths leaving the archive.
+    """
+    for member, where, read in tarballs.members(path, "download or copy it again"):
+        parts = PurePosixPath(member.name).parts
+        if parts and parts[0] == split:  # `train/cat/1.jpg`, or just `cat/1.jpg`
+            parts = parts[1:]
+        if not parts or _is_hidden(parts):
+            continue
+        if member.isdir():
+            if len(parts) == 1:
+                yield parts[0], where, None
+            continue
+        if len(parts) != 2:
+            raise JaxbatchError(f"{where}: expected {split}/<class>/<image>")
+        _check_image_name(parts[1], where)
+        yield parts[0], where, read(MAX_IMAGE_BYTES, "one image")
 
 
 def decode_images(items, shape: tuple, workers: int = WORKERS) -> np.ndarray:
@@ -172,21 +175,25 @@ def decode_images(items, shape: tuple, workers: int = WORKERS) -> np.ndarray:
 
 
 def _decode_chunk(items: list, shape: tuple) -> np.ndarray:
+    out = np.empty((len(items), *shape), np.uint8)
+    for i, (where, source) in enumerate(items):
+        out[i] = _decode_one(where, source, shape)
+    return out
+
+
+def _decode_one(where: str, source, shape: tuple) -> np.ndarray:
+    """One image's pixels, (H, W, C); its size is checked from its header, before decoding."""
     from PIL import Image
 
-    out = np.empty((len(items), *shape), np.uint8)
     mode = "L" if shape[2] == 1 else "RGB"
-    for i, (where, source) in enumerate(items):
-        try:
-            fp = io.BytesIO(source) if isinstance(source, bytes) else source
-            with Image.open(fp, formats=["PNG", "JPEG"]) as image:
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else source
+        with Image.open(fp, formats=["PNG", "JPEG"]) as image:
+            width, height = image.size  # from the header: an 8000x8000 claim is refused undecoded
+            if (height, width) == shape[:2]:
                 pixels = np.asarray(image if image.mode == mode else image.convert(mode))
-        except Exception as err:  # Pillow raises many types for one cause: unreadable data
-            raise JaxbatchError(f"{where}: not a readable PNG or JPEG image ({err})")
-        if pixels.shape[:2] != shape[:2]:
-            raise JaxbatchError(
-                f"{where}: image is {pixels.shape[1]}x{pixels.shape[0]} pixels, "
-                f"expected {shape[1]}x{shape[0]}"
-            )
-        out[i] = pixels.reshape(shape)
-    return out
+    except Exception as err:  # Pillow raises many types for one cause: unreadable data
+        raise JaxbatchError(f"{where}: not a readable PNG or JPEG image ({one_line(err)})")
+    if (height, width) != shape[:2]:
+        raise JaxbatchError(f"{where}: image is {width}x{height} pixels, expected {shape[1]}x{shape[0]}")
+    return pixels.reshape(shape)
