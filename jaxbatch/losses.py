@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbatch import ghost
+
 try:
     from jax import shard_map
 except ImportError:  # JAX < 0.7
@@ -219,18 +221,42 @@ def _clipped_sum_one_chunk(apply_fn, params, xs, ys, weights, clip, loss_fn):
     return total, {"norms": norms, "losses": losses, "outputs": outputs}
 
 
-def clipped_grad_sum(apply_fn, params, xs, ys, clip, weights=None, loss_fn=cross_entropy, chunk=None):
+def per_example_sq_norms(apply_fn, params, xs, ys, loss_fn=cross_entropy, method="auto"):
+    """(||g_i||^2 for every example, per-example losses, outputs), without
+    forming the g_i where the model allows: method "auto" takes ghost norms
+    (jaxbatch/ghost.py) when every flax Dense layer sees (B, features)
+    inputs, "vmap" always forms per_example_grads. Both give the same norms
+    (tests/test_privacy.py checks them against each other and a loop)."""
+    dense = ghost.dense_layers(apply_fn, params, xs) if method == "auto" else None
+    if dense:
+        return ghost.per_example_sq_norms(apply_fn, params, xs, ys, loss_fn, dense)
+    (losses, outputs), grads = per_example_values_and_grads(apply_fn, params, xs, ys, loss_fn)
+    return per_example_norms(grads) ** 2, losses, outputs
+
+
+def clipped_grad_sum(apply_fn, params, xs, ys, clip, weights=None, loss_fn=cross_entropy, chunk=None,
+                     method="auto"):
     """sum_i w_i * min(1, C / ||g_i||) * g_i, and per example {"norms": ||g_i||
     (before clipping), "losses": l_i, "outputs"}. Weights (1 real, 0 padding)
     drop padded examples.
 
-    With `chunk`, the batch is taken `chunk` examples at a time under lax.scan,
-    so only chunk x (number of parameters) gradient entries exist at once,
-    not B x: for a large model or batch that is what fits in memory. The
-    result is the same sum, added in another order (equal to rounding)."""
+    method "auto": the norms from `per_example_sq_norms` (ghost norms where
+    the model allows), then the clipped sum as ONE batched backward pass of
+    sum_i c_i l_i with the factors c_i held constant: no g_i is ever formed.
+    method "vmap": the definition, every g_i formed (jax.vmap(jax.grad)),
+    scaled and summed; with `chunk`, `chunk` examples at a time under
+    lax.scan, so only chunk x (number of parameters) gradient entries exist at
+    once, not B x. All give the same sum, added in other orders (equal to
+    rounding)."""
     b = xs.shape[0]
     weights = jnp.ones((b,), xs.dtype if jnp.issubdtype(xs.dtype, jnp.floating) else jnp.float32) \
         if weights is None else weights
+    if method == "auto" and chunk is None:
+        sq, losses, outputs = per_example_sq_norms(apply_fn, params, xs, ys, loss_fn)
+        norms = jnp.sqrt(sq)
+        scale = jax.lax.stop_gradient(weights * clip_factors(norms, clip)).astype(losses.dtype)
+        total = jax.grad(lambda p: jnp.sum(scale * jax.vmap(loss_fn)(apply_fn(p, xs), ys)))(params)
+        return total, {"norms": norms, "losses": losses, "outputs": outputs}
     if chunk is None or chunk >= b:
         return _clipped_sum_one_chunk(apply_fn, params, xs, ys, weights, clip, loss_fn)
     pad = -b % chunk  # weight-0 examples to fill the last chunk
@@ -247,8 +273,9 @@ def clipped_grad_sum(apply_fn, params, xs, ys, clip, weights=None, loss_fn=cross
     return total, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:b], per_example)
 
 
-def clipped_mean_grad(apply_fn, params, xs, ys, clip, loss_fn=cross_entropy, chunk=None):
+def clipped_mean_grad(apply_fn, params, xs, ys, clip, loss_fn=cross_entropy, chunk=None, method="auto"):
     """(1/B) sum_i g_i * min(1, C / ||g_i||): DP-SGD's clipped mean gradient,
     before its noise (jaxbatch/privacy.py adds that). Returns (gradient, ||g_i||)."""
-    total, per_example = clipped_grad_sum(apply_fn, params, xs, ys, clip, loss_fn=loss_fn, chunk=chunk)
+    total, per_example = clipped_grad_sum(apply_fn, params, xs, ys, clip, loss_fn=loss_fn, chunk=chunk,
+                                          method=method)
     return jax.tree.map(lambda t: t / xs.shape[0], total), per_example["norms"]
