@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     from jaxbatch.experiments import EXPERIMENTS, get_experiment
 
     p = sub.add_parser(
-        "experiment", help="run a demonstration (equality, variance, input-scale, lr-scaling, activations)",
+        "experiment", help="run a demonstration (equality, variance, input-scale, lr-scaling, activations, clipping)",
         description="Run one of the demonstrations, print a short table and write result.json and PNG "
         "plots to --out. Defaults are the full runs on the real datasets; --quick is a small offline "
         "run on the bundled digits.")
@@ -46,6 +46,9 @@ def add_field(parser, field, quick: dict) -> None:
         parser.add_argument(flag, type=comma_list(item), default=None, help=f"comma-separated; {shown}")
     else:
         kind = {int: int, float: _finite_float}.get(type(default), str)
+        if default is None:  # an optional number: its annotation says which, e.g. "int | None"
+            kind = int if str(field.type).startswith("int") else _finite_float if str(field.type).startswith(
+                "float") else str
         parser.add_argument(flag, type=kind, default=None, help=shown)
 
 

@@ -6,6 +6,8 @@
     lr-scaling    text D: constant, linear and square-root learning-rate rules
     activations   text E: ReLU, sigmoid, tanh and their derivatives; two
                   linear layers are one
+    clipping      DP-SGD: clipping is where per-example and batched part;
+                  per-example norms, and SGD vs clipped vs private training
 
 Each module has a `Config` dataclass whose defaults are the full run on the
 real datasets, `QUICK` (the fields a small offline run on `digits` changes),
@@ -30,6 +32,7 @@ EXPERIMENTS = {
     "input-scale": "input_scale",
     "lr-scaling": "lr_scaling",
     "activations": "activations",
+    "clipping": "clipping",
 }
 
 
