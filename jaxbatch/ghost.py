@@ -111,3 +111,35 @@ def _node(params, key: tuple):
     for name in key:
         params = params[name]
     return params
+
+
+def all_dense(apply_fn, params, xs) -> bool:
+    """Whether every parameter belongs to a Dense layer ghost norms can take
+    (then one backward pass gives the gradient and every ||g_i|| at once)."""
+    dense = dense_layers(apply_fn, params, xs)
+    return bool(dense) and not _split(params, dense)[1]
+
+
+def grads_and_sq_norms(apply_fn, params, xs, ys, weights, loss_fn, reduction="mean"):
+    """For a model whose parameters are all Dense layers (`all_dense`): the
+    gradient of the weighted batch loss, the loss, the outputs, and every
+    example's ||g_i||^2, from ONE batched forward and backward pass: the
+    zeros added to each Dense output get the output gradients w_i/n d_i (or
+    w_i d_i for a summed loss), from which d_i is recovered."""
+    layers = [_node(params, key) for key in dense_layers(apply_fn, params, xs)]
+    zeros = [jnp.zeros((xs.shape[0], layer["kernel"].shape[-1]), layer["kernel"].dtype) for layer in layers]
+    n = jnp.sum(weights)
+
+    def objective(p, z):
+        out, taps = _run(apply_fn, p, xs, z)
+        total = jnp.sum(weights * jax.vmap(loss_fn)(out, ys))
+        return (total if reduction == "sum" else total / n), (out, [x for _, x, _ in taps])
+
+    (loss, (out, inputs)), (grads, deltas) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+        params, zeros)
+    scale = 1.0 if reduction == "sum" else n  # d_i = delta_i / (w_i / n); padded examples (w_i = 0) stay 0
+    sq = jnp.zeros(xs.shape[0], loss.dtype)
+    for d, x, layer in zip(deltas, inputs, layers):
+        d2 = jnp.sum((d * scale) ** 2, axis=1)
+        sq = sq + jnp.sum(x**2, axis=1) * d2 + (d2 if "bias" in layer else 0.0)
+    return grads, loss, out, sq

@@ -49,11 +49,12 @@ from flax import serialization
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbatch import backends, checkpoint, optim, privacy
+from jaxbatch import backends, checkpoint, ghost, optim, privacy
 from jaxbatch import data as data_lib
 from jaxbatch.atomic import write_atomic
 from jaxbatch.errors import JaxbatchError
-from jaxbatch.losses import batched_loss_and_outputs, clipped_grad_sum, per_example_sq_norms, vmap_loss_and_outputs
+from jaxbatch.losses import (batched_loss_and_outputs, clipped_grad_sum, cross_entropy, per_example_sq_norms,
+                             vmap_loss_and_outputs)
 from jaxbatch.models import get_model
 from jaxbatch.precision import enable_x64, matmul_precision
 
@@ -101,9 +102,9 @@ class TrainConfig:
     dp_epsilon: float | None = None  # a privacy budget: refuse a run whose epsilon would exceed it
     dp_chunk: int | None = None  # clip this many examples at a time (memory); None: the whole batch
     log_noise_scale: bool = False  # the gradient noise scale B_simple, every epoch
-    # Measured on every k-th step: the per-example norms (ghost norms, jaxbatch/ghost.py)
-    # cost an extra pass; every 4th step kept mlp epochs on MNIST at 1.2x plain
-    # training on 2 CPU cores (every step: 1.6x).
+    # Counted on every k-th step. Models made only of Dense layers get every ||g_i|| from
+    # the step's own backward pass (ghost.grads_and_sq_norms), so measuring costs nothing;
+    # other models (convolutions) take an extra pass on those steps.
     noise_scale_every: int = 4
     eval_batch_size: int = 1000
     # A step loss above this counts as divergence, like NaN or inf. Chance-level
@@ -291,6 +292,14 @@ def train_step(state, batch, numbers, *, apply_fn, batch_loss, optimizer, reduct
     if gradient.clip:
         grads, loss, logits, extra = clipped_gradient(params, x, labels, weights, step, numbers["dp"],
                                                       apply_fn=apply_fn, gradient=gradient)
+    elif gradient.noise_scale_every and ghost.all_dense(apply_fn, params, x):
+        # Every parameter in Dense layers: the step's own backward pass gives
+        # every ||g_i|| too, so measuring costs nothing; every k-th step counts.
+        grads, loss, logits, sq = ghost.grads_and_sq_norms(apply_fn, params, x, labels, weights, cross_entropy,
+                                                           reduction)
+        mean = grads if reduction == "mean" else jax.tree.map(lambda g: g / jnp.sum(weights), grads)
+        counted = (step % gradient.noise_scale_every == 0).astype(loss.dtype)
+        extra = {k: counted * v for k, v in noise_scale_estimates(sq, weights, mean).items()}
     elif gradient.noise_scale_every:
         grads, loss, logits, _ = plain(params)
         mean = grads if reduction == "mean" else jax.tree.map(lambda g: g / jnp.sum(weights), grads)
@@ -345,6 +354,11 @@ def noise_scale_terms(params, x, labels, weights, mean_grad, *, apply_fn):
     of numerator and denominator (smoothed separately, as the paper advises:
     one step's |G|^2 estimate can be negative)."""
     sq, _, _ = per_example_sq_norms(apply_fn, params, x, labels)
+    return noise_scale_estimates(sq, weights, mean_grad)
+
+
+def noise_scale_estimates(sq, weights, mean_grad) -> dict:
+    """One step's |G|^2 and tr(S) estimates from the ||g_i||^2 and the mean gradient."""
     n = jnp.sum(weights)
     small = jnp.sum(weights * sq) / n
     big = sum(jnp.sum(t**2) for t in jax.tree.leaves(mean_grad))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbatch import losses, privacy
+from jaxbatch import ghost, losses, privacy
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.models import get_model
 from jaxbatch.precision import enable_x64, relative_difference
@@ -133,6 +133,24 @@ def test_ghost_norms_are_the_per_example_gradient_norms(name):
     np.testing.assert_allclose(ghost_losses, plain_losses, rtol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_one_pass_gives_the_gradient_and_the_norms_for_dense_models(reduction):
+    # The mlp is all Dense layers: the step's own backward pass gives every ||g_i||.
+    with enable_x64():
+        model, params, xs, ys = setup("mlp", b=6)
+        weights = np.array([1.0, 1, 1, 1, 1, 0])  # the last example is padding
+        grads, loss, _, sq = ghost.grads_and_sq_norms(model.apply, params, xs, ys, weights, losses.cross_entropy,
+                                                      reduction)
+        expected = losses.per_example_sq_norms(model.apply, params, xs, ys, method="vmap")[0]
+        loss_ref, grads_ref = jax.value_and_grad(
+            lambda p: losses.vmap_loss(model.apply, p, xs, ys, weights, reduction=reduction))(params)
+    np.testing.assert_allclose(sq[:5], expected[:5], rtol=1e-12)
+    assert float(sq[5]) == 0.0
+    assert relative_difference(grads, grads_ref) <= 1e-12 and abs(float(loss - loss_ref)) <= 1e-12
+    assert ghost.all_dense(model.apply, params, xs)
+    assert not ghost.all_dense(get_model("cnn").apply, setup("cnn")[1], xs)
+
+
 def test_logging_the_noise_scale_trains_the_same_run():
     plain = train_and_evaluate(TrainConfig(epochs=2))
     logged = train_and_evaluate(TrainConfig(epochs=2, log_noise_scale=True, noise_scale_every=3))
@@ -142,6 +160,9 @@ def test_logging_the_noise_scale_trains_the_same_run():
     for h in logged.history:
         assert h["noise_scale"] == pytest.approx(h["noise_scale_trace"] / h["noise_scale_g2"])
         assert 1 < h["noise_scale"] < 1e4
+    # The cnn's convolutions take the other path: norms on every k-th step only, in a separate pass.
+    cnn = train_and_evaluate(TrainConfig(model="cnn", epochs=1, log_noise_scale=True, noise_scale_every=10))
+    assert cnn.history[0]["noise_scale_steps"] == 5 and cnn.history[0]["noise_scale"] > 0
 
 
 @pytest.mark.parametrize("change,setting", [
