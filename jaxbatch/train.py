@@ -243,9 +243,11 @@ class Gradient(NamedTuple):
     Plain: the gradient of the batch loss (`--loss` says vmap or batched).
     clip: per-example gradients clipped to norm C, then averaged (DP-SGD's
     clipping); noise: plus N(0, (sigma C)^2) on the clipped sum (DP-SGD).
-    noise_scale_every k: every k-th step computes per-example gradients
-    (their mean is the step's gradient, the same to rounding) to measure the
-    gradient noise scale; the other steps stay plain."""
+    noise_scale_every k: every k-th step also reads the per-example gradient
+    norms, for the gradient noise scale (noise_scale_terms); a Dense-only
+    model gets them from its own backward pass on every step (the gradient
+    then comes from a batched forward pass, equal to `--loss vmap`'s to
+    rounding)."""
     clip: bool = False
     noise: bool = False
     chunk: int | None = None
