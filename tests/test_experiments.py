@@ -10,6 +10,7 @@ import pytest
 
 from jaxbatch.experiments import make_config, run_experiment
 from jaxbatch.experiments import equality, input_scale, lr_scaling, variance
+from jaxbatch.errors import JaxbatchError
 from jaxbatch.experiments.report import jsonable
 from jaxbatch.losses import loop_grad
 from jaxbatch.models import get_model
@@ -47,11 +48,16 @@ def test_equality_every_pair_of_ways_agrees_in_float32_and_float64(quick):
     # other models' vmap, batched and per-example gradients to the same targets.
     result, out = quick("equality", models=("mlp", "cnn"))
     assert set(result["models"]) == {"mlp", "cnn"}
+    # The fifth way, data-parallel, on the devices this process has (tests/test_equality_devices.py: 4).
+    dp = result["data_parallel"]
+    assert dp["device_count"] == jax.device_count() and dp["ks"][0] == 1
+    assert all(jax.device_count() % k == 0 and 50 % k == 0 for k in dp["ks"])
     for name, m in result["models"].items():
         for comparison, target in (("float32", 1e-5), ("float64", 1e-12)):
             assert m[comparison]["precision"]["matmul_precision"] == "highest"  # the claim: true float32 products
             pairs = m[comparison]["pairs"]
-            assert len(pairs) == 6  # 4 ways, every pair
+            assert len(pairs) == 6 + 4 * len(dp["ks"])  # the 4 ways, every pair; each K against each of them
+            assert all(m[comparison]["data_parallel"][str(k)]["max_rel"] <= target for k in dp["ks"])
             for per_param in pairs.values():
                 for d in per_param.values():
                     assert d["max_rel"] <= target, (name, comparison, d)
@@ -63,7 +69,7 @@ def test_equality_every_pair_of_ways_agrees_in_float32_and_float64(quick):
         # Reported beside the claim, not held to it: float32 at the backend's default precision.
         default = m["float32_default"]
         assert default["precision"]["matmul_precision"] == "default" and default["within_target"] is None
-        assert len(default["pairs"]) == 6
+        assert len(default["pairs"]) == 6 + 4 * len(dp["ks"])
         if jax.default_backend() == "cpu":  # the default is float32 here: the same numbers
             assert default["max_rel"] == m["float32"]["max_rel"], name
         assert all(t > 0 for t in default["seconds"].values())
@@ -74,7 +80,14 @@ def test_equality_every_pair_of_ways_agrees_in_float32_and_float64(quick):
     assert "TF32" in result["precision_note"] and "bfloat16" in result["precision_note"]
     text = equality.summary(result)
     assert "f32 rel default" in text and "not held to the target" in text
+    assert "Data-parallel (text D)" in text and "are one batch of K*b" in text and "K-fold fewer steps" in text
     assert pngs(out) == ["equality.png"]
+
+
+def test_equality_comparisons_are_checked():
+    for comparisons, message in (((), "no comparison to run"), (("float16",), "unknown comparison 'float16'")):
+        with pytest.raises(JaxbatchError, match=message):
+            equality.validate(make_config("equality", quick=True, comparisons=comparisons))
 
 
 def test_equality_enlarges_digits_to_lenet5s_size():

@@ -18,6 +18,7 @@ median (`flops_per_s` is the best call, `flops_per_s_median` the median).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -39,13 +40,26 @@ class Compiled(NamedTuple):
 
 def compile_step(fn: Callable, *example_args) -> Compiled:
     """jit, lower and compile `fn` for these argument shapes; time it and read
-    XLA's cost and memory analyses."""
-    import jax
+    XLA's cost and memory analyses.
 
+    A function that is jitted already (or a functools.partial of one, as
+    `methods.make_step` returns) is lowered through its own jit, whose
+    compilations its calls share: the chunked and loop methods then compile
+    each piece once, not once here and again when called, and a chunk shape
+    shared by two batch sizes is compiled once (the second compile_s is the
+    cache lookup)."""
     t0 = time.perf_counter()
-    executable = jax.jit(fn).lower(*example_args).compile()
+    executable = _lowered(fn, example_args).compile()
     compile_s = time.perf_counter() - t0
     return Compiled(executable, compile_s, xla_flops(executable), xla_peak_memory(executable))
+
+
+def _lowered(fn: Callable, args):
+    import jax
+
+    if isinstance(fn, functools.partial) and hasattr(fn.func, "lower"):
+        return fn.func.lower(*fn.args, *args, **fn.keywords)
+    return (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args)
 
 
 def xla_flops(executable) -> float | None:
@@ -91,6 +105,18 @@ def jax_matmul_peak(n: int, **timing) -> dict:
     t = time_calls(matmul, pairs, block, **timing)
     return {"size": n, "median_s": t.median_s, "min_s": t.min_s,
             "flops_per_s": 2 * n**3 / t.min_s, "flops_per_s_median": 2 * n**3 / t.median_s}
+
+
+def unless_out_of_memory(run: Callable[[], dict], skipped: Callable[[str], dict]) -> dict:
+    """run(), or skipped(reason) when the device runs out of memory on the
+    way; any other error is a bug and propagates."""
+    try:
+        return run()
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        return skipped(f"out of memory: {first_line}")
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -193,6 +193,9 @@ def to_markdown(record: dict) -> str:
                              for r in skipped]
         lines.append("")
 
+    if record.get("scaling"):
+        lines += scaling_markdown(record["scaling"])
+
     if record.get("epochs"):
         lines += ["## Training epochs", "", "| recipe | model | dataset | batch | epoch s | examples/s | test acc |",
                   "|---|---|---|---:|---:|---:|---:|"]
@@ -217,6 +220,33 @@ def to_markdown(record: dict) -> str:
         lines.append(f"| {t['target']}{note} | {measured} | {t['limit']} | {met} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def scaling_markdown(scaling: dict) -> list[str]:
+    """The scaling table: one row per (model, method, batch size, mode, K)."""
+    lines = ["## Scaling across devices", "",
+             f"K = {', '.join(map(str, scaling['devices']))} of the {scaling['device_count']} devices. Weak: each "
+             "device takes the batch size B (global batch K*B); strong: the global batch B is split over the K "
+             "devices. Speed-up = examples/s on K devices / examples/s on one; efficiency = speed-up / K "
+             "(1 = perfect scaling). Each device runs the one-device step on its share of the batch "
+             "(split along the mesh axis `data`, parameters replicated) and `lax.pmean` averages the "
+             "gradients; `vs batched`: against the one-device batched gradient.", ""]
+    if scaling.get("note"):
+        lines += [scaling["note"], ""]
+    lines += ["| model | method | B | mode | K | batch per device | global batch | step ms | examples/s | speed-up "
+              "| efficiency | vs batched |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {mode: i for i, mode in enumerate(("weak", "strong"))}
+    for r in sorted(scaling["rows"], key=lambda r: (_model_order(r["model"]), r["model"], _method_order(r["method"]),
+                                                     r["batch_size"], order.get(r["mode"], 2), r["devices"])):
+        head = f"| {r['model']} | {r['method']} | {r['batch_size']} | {r['mode']} | {r['devices']} | " \
+               f"{r['per_device_batch']} | {r['global_batch']} |"
+        if r["status"] != "ok":
+            lines.append(f"{head} skipped: {r['reason']} | | | | |")
+            continue
+        lines.append(f"{head} {_fmt(r['step_s'], 'ms')} | {_fmt(r['examples_per_s'], 'int')} | "
+                     f"{_fmt(r['speedup'], 'x')} | {_fmt(r['efficiency'], 'pct')} | "
+                     f"{r['max_rel_diff_vs_batched']:.1e} |")
+    return [*lines, ""]
 
 
 def _fmt_load(load):

@@ -3,7 +3,9 @@
     record = run_benchmarks(BenchConfig(models=("mlp",), batch_sizes=(32, 256)))
 
 returns one JSON-able dict (schema in docs/bench.md): the device, software
-versions, the measured matmul peak, one row per case and one per epoch run.
+versions, the measured matmul peak, one row per case and one per epoch run,
+and with `devices` the weak and strong scaling over device counts
+(scaling.py).
 Cases run model by model and, within a batch size, method after method (JAX
 then PyTorch), so slow drifts of a shared machine hit neighbours alike.
 """
@@ -21,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbatch.bench import device as device_lib
-from jaxbatch.bench.measure import block, compile_step, is_out_of_memory, jax_matmul_peak, matmul_size
-from jaxbatch.bench.methods import METHODS, make_chunked_step, make_loop_step, make_step
+from jaxbatch.bench import scaling
+from jaxbatch.bench.measure import (block, compile_step, is_out_of_memory, jax_matmul_peak, matmul_size,
+                                    unless_out_of_memory)
+from jaxbatch.bench.methods import METHODS, STEPS, make_chunked_step, make_loop_step, make_step
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.machine import time_calls
 from jaxbatch.models import get_model
@@ -58,6 +62,8 @@ class BenchConfig:
     # A case whose compiled step needs more than this share of the device's memory is skipped.
     memory_fraction: float = 0.5
     seed: int = 0
+    # Device counts K for weak and strong scaling (jaxbatch/bench/scaling.py); () for none.
+    devices: tuple = ()
 
 
 def quick_config(**overrides) -> BenchConfig:
@@ -89,6 +95,10 @@ def validate(config: BenchConfig) -> None:
         raise JaxbatchError("chunk must be 1 or more and loop-max-batch 0 or more")
     if not 0 < config.memory_fraction <= 1:
         raise JaxbatchError(f"memory fraction must be in (0, 1], got {config.memory_fraction}")
+    if config.devices:
+        if not scaling.scaling_methods(config.methods):
+            raise JaxbatchError(f"scaling across --devices needs one of the methods {', '.join(STEPS)} in --methods")
+        scaling.check_devices(config.devices, config.batch_sizes, jax.device_count(), jax.devices()[0].platform)
     if config.torch:
         from jaxbatch.bench.torch_twins import require_torch
 
@@ -100,14 +110,16 @@ def validate(config: BenchConfig) -> None:
             get_recipe(name)
 
 
-def random_batches(key, batch_size: int, image_shape, count: int = ROTATIONS):
-    """`count` different batches of uniform [0, 1) images and labels 0..9, on the device."""
+def random_batches(seed, batch_size: int, image_shape, count: int = ROTATIONS):
+    """`count` different batches of uniform [0, 1) images and labels 0..9, on
+    the device. Drawn by NumPy and sent over: jax.random would compile its
+    sampler once per batch shape, most of a second each on a CPU."""
+    rng = np.random.default_rng(seed)
     batches = []
-    for k in jax.random.split(key, count):
-        kx, ky = jax.random.split(k)
-        xs = jax.random.uniform(kx, (batch_size, *image_shape), jnp.float32)
-        ys = jax.random.randint(ky, (batch_size,), 0, 10)
-        batches.append(jax.block_until_ready((xs, ys)))
+    for _ in range(count):
+        xs = rng.random((batch_size, *image_shape), dtype=np.float32)
+        ys = rng.integers(0, 10, batch_size, dtype=np.int32)
+        batches.append(jax.block_until_ready(jax.device_put((xs, ys))))
     return batches
 
 
@@ -271,13 +283,7 @@ class _Case:
 
 def _guarded(run: Callable[[], dict], framework, model, batch_size, method) -> dict:
     """Run one case; running out of device memory skips it, anything else is a bug and propagates."""
-    try:
-        return run()
-    except Exception as err:
-        if is_out_of_memory(err):
-            first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            return _skipped(framework, model, batch_size, method, f"out of memory: {first_line}")
-        raise
+    return unless_out_of_memory(run, lambda reason: _skipped(framework, model, batch_size, method, reason))
 
 
 def run_epoch(recipe: str, data_dir: str | None, seed: int = 0) -> dict:
@@ -331,7 +337,7 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[dict], None] | No
     notify({"kind": "peak", "jax": peaks[-1]})
     memory_limit = (device["memory_bytes"] * config.memory_fraction) if device["memory_bytes"] else None
 
-    rows = []
+    rows, scaling_rows = [], []
     key = jax.random.key(config.seed)
     for name in config.models:
         shape = IMAGE_SHAPES[name]
@@ -340,7 +346,7 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[dict], None] | No
         params = jax.jit(get_model(name).init)(jax.random.fold_in(key, 0), jnp.zeros(shape, jnp.float32))
         for b in config.batch_sizes:
             try:
-                batches = random_batches(jax.random.fold_in(key, b), b, shape)
+                batches = random_batches((config.seed, b), b, shape)
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise
@@ -362,9 +368,15 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[dict], None] | No
                     rows.append(row)
                     notify({"kind": "case", **row})
             del case, batches
+        if config.devices:
+            # A global batch of g gets the same inputs as the case of batch size g above.
+            scaling_rows += scaling.model_rows(name, get_model(name).apply, params, config,
+                                               lambda g: random_batches((config.seed, g), g, shape), notify)
         peaks.append(jax_matmul_peak(n, **timing))
         notify({"kind": "peak", "jax": peaks[-1]})
     record["results"] = rows
+    if config.devices:
+        record["scaling"] = scaling.section(config, scaling_rows, device["platform"])
     record["matmul_peak"] = {"jax": max(peaks, key=lambda p: p["flops_per_s_median"]), "jax_runs": peaks}
     if config.torch:
         from jaxbatch.bench import torch_twins as tt

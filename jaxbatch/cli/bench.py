@@ -48,6 +48,10 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-sizes", type=batch_sizes, default=None,
                    help=f"comma-separated (default {','.join(map(str, DEFAULT_BATCH_SIZES))}; --quick: 32,256)")
     p.add_argument("--methods", type=comma_list, default=METHODS, help=f"comma-separated from {','.join(METHODS)}")
+    p.add_argument("--devices", type=batch_sizes_like("device count"), default=(),
+                   help="device counts K for weak scaling (each batch size per device) and strong scaling (each "
+                   "batch size split over K), e.g. 1,2,4; K = 1, the reference, is always measured "
+                   "(default: no scaling)")
     p.add_argument("--quick", action="store_true", help="batch sizes 32,256, fewer repeats, no epochs: a few minutes")
     p.add_argument("--torch", action="store_true", help="also time the PyTorch twins (needs torch installed)")
     p.add_argument("--torch-threads", type=batch_sizes_like("thread count"), default=(),
@@ -72,7 +76,7 @@ def build_config(args):
     from jaxbatch.bench.run import BenchConfig, quick_config
 
     fields = dict(models=args.models, methods=args.methods, torch=args.torch, torch_threads=args.torch_threads,
-                  data_dir=args.data_dir,
+                  data_dir=args.data_dir, devices=args.devices,
                   chunk=args.chunk, loop_max_batch=args.loop_max_batch)
     if args.batch_sizes is not None:
         fields["batch_sizes"] = args.batch_sizes
@@ -94,6 +98,12 @@ def describe(event: dict) -> str:
             return f"epoch {event['recipe']}: skipped ({event['reason']})"
         return (f"epoch {event['recipe']}: {event['epoch_s']:.2f} s, {event['examples_per_s']:,.0f} examples/s, "
                 f"test accuracy {event['test_accuracy']:.3f}")
+    if event["kind"] == "scaling":
+        head = (f"{event['mode']:6} K={event['devices']:<3} {event['model']:9} B={event['global_batch']:<5} "
+                f"{event['method']:11}")
+        if event["status"] != "ok":
+            return f"{head} skipped: {event['reason']}"
+        return f"{head} {event['step_s'] * 1e3:9.3f} ms  {event['examples_per_s']:11,.0f} ex/s"
     head = f"{event['framework']:5} {event['model']:9} B={event['batch_size']:<5} {event['method']:19}"
     if event["status"] != "ok":
         return f"{head} skipped: {event['reason']}"
