@@ -83,7 +83,7 @@ def per_example_sq_norms(apply_fn, params, xs, ys, loss_fn, dense: list[tuple]):
     layers = [_node(params, key) for key in dense]
     # One batched pass: every Dense's input, and (the gradient of zeros added
     # to its output) its output gradient, per example.
-    zeros = [jnp.zeros((xs.shape[0], layer["kernel"].shape[-1]), layer["kernel"].dtype) for layer in layers]
+    zeros = [_zeros_like_batch(xs, layer) for layer in layers]
 
     def summed(z):
         out, taps = _run(apply_fn, params, xs, z)
@@ -104,6 +104,14 @@ def per_example_sq_norms(apply_fn, params, xs, ys, loss_fn, dense: list[tuple]):
         grads = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(rest, xs, ys)
         sq = sq + sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in grads.values())
     return sq, losses, out
+
+
+def _zeros_like_batch(xs, layer):
+    """(B, layer outputs) zeros made from xs, not from nothing: inside shard_map
+    they then vary over the devices as xs does, so their gradient stays each
+    device's own instead of being summed over the devices."""
+    column = jnp.zeros_like(xs.reshape(xs.shape[0], -1)[:, :1], dtype=layer["kernel"].dtype)
+    return jnp.broadcast_to(column, (xs.shape[0], layer["kernel"].shape[-1]))
 
 
 def _node(params, key: tuple):
@@ -127,7 +135,7 @@ def grads_and_sq_norms(apply_fn, params, xs, ys, weights, loss_fn, reduction="me
     zeros added to each Dense output get the output gradients w_i/n d_i (or
     w_i d_i for a summed loss), from which d_i is recovered."""
     layers = [_node(params, key) for key in dense_layers(apply_fn, params, xs)]
-    zeros = [jnp.zeros((xs.shape[0], layer["kernel"].shape[-1]), layer["kernel"].dtype) for layer in layers]
+    zeros = [_zeros_like_batch(xs, layer) for layer in layers]
     n = jnp.sum(weights)
 
     def objective(p, z):

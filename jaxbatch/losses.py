@@ -221,12 +221,29 @@ def _clipped_sum_one_chunk(apply_fn, params, xs, ys, weights, clip, loss_fn):
     return total, {"norms": norms, "losses": losses, "outputs": outputs}
 
 
-def per_example_sq_norms(apply_fn, params, xs, ys, loss_fn=cross_entropy, method="auto"):
+def per_example_sq_norms(apply_fn, params, xs, ys, loss_fn=cross_entropy, method="auto", mesh=None):
     """(||g_i||^2 for every example, per-example losses, outputs), without
     forming the g_i where the model allows: method "auto" takes ghost norms
     (jaxbatch/ghost.py) when every flax Dense layer sees (B, features)
     inputs, "vmap" always forms per_example_grads. Both give the same norms
-    (tests/test_privacy.py checks them against each other and a loop)."""
+    (tests/test_privacy.py checks them against each other and a loop).
+
+    With a `mesh` of several devices (the batch split along "data"), each
+    device computes the norms of its own examples under shard_map. Left to
+    jit's sharding propagation, XLA (jax 0.10.2, CPU) computed wrong
+    per-example gradients of convolutions for the second device's examples."""
+    if mesh is not None and mesh.size > 1:
+        spec = jax.sharding.PartitionSpec
+        # Each device its own copy of the parameters, as in data_parallel_grad:
+        # differentiating a replicated input inside shard_map would sum the
+        # devices' gradients, mixing examples of different devices.
+        copies = jax.tree.map(lambda a: jnp.broadcast_to(a, (mesh.size, *a.shape)), params)
+
+        def local(p, x, y):
+            return per_example_sq_norms(apply_fn, jax.tree.map(lambda a: a[0], p), x, y, loss_fn, method)
+
+        return shard_map(local, mesh=mesh, in_specs=(spec("data"), spec("data"), spec("data")),
+                         out_specs=(spec("data"),) * 3)(copies, xs, ys)
     dense = ghost.dense_layers(apply_fn, params, xs) if method == "auto" else None
     if dense:
         return ghost.per_example_sq_norms(apply_fn, params, xs, ys, loss_fn, dense)
@@ -235,7 +252,7 @@ def per_example_sq_norms(apply_fn, params, xs, ys, loss_fn=cross_entropy, method
 
 
 def clipped_grad_sum(apply_fn, params, xs, ys, clip, weights=None, loss_fn=cross_entropy, chunk=None,
-                     method="auto"):
+                     method="auto", mesh=None):
     """sum_i w_i * min(1, C / ||g_i||) * g_i, and per example {"norms": ||g_i||
     (before clipping), "losses": l_i, "outputs"}. Weights (1 real, 0 padding)
     drop padded examples.
@@ -252,7 +269,7 @@ def clipped_grad_sum(apply_fn, params, xs, ys, clip, weights=None, loss_fn=cross
     weights = jnp.ones((b,), xs.dtype if jnp.issubdtype(xs.dtype, jnp.floating) else jnp.float32) \
         if weights is None else weights
     if method == "auto" and chunk is None:
-        sq, losses, outputs = per_example_sq_norms(apply_fn, params, xs, ys, loss_fn)
+        sq, losses, outputs = per_example_sq_norms(apply_fn, params, xs, ys, loss_fn, mesh=mesh)
         norms = jnp.sqrt(sq)
         scale = jax.lax.stop_gradient(weights * clip_factors(norms, clip)).astype(losses.dtype)
         total = jax.grad(lambda p: jnp.sum(scale * jax.vmap(loss_fn)(apply_fn(p, xs), ys)))(params)

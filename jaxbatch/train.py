@@ -252,11 +252,17 @@ class Gradient(NamedTuple):
     noise: bool = False
     chunk: int | None = None
     noise_scale_every: int = 0
+    mesh: Mesh | None = None  # several devices: per-example norms computed per device (losses.per_example_sq_norms)
 
 
-def gradient_plan(config: TrainConfig) -> Gradient:
+def gradient_plan(config: TrainConfig, mesh: Mesh) -> Gradient:
+    per_example = config.dp_clip is not None or config.log_noise_scale
+    if per_example and config.dp_chunk is not None and mesh.size > 1:
+        raise JaxbatchError(f"{{setting}} forms per-example gradients, which are computed on one device only; "
+                            f"drop it (ghost norms work on all {mesh.size}) or pass --devices 1", setting="dp_chunk")
     return Gradient(clip=config.dp_clip is not None, noise=config.dp_noise is not None, chunk=config.dp_chunk,
-                    noise_scale_every=config.noise_scale_every if config.log_noise_scale else 0)
+                    noise_scale_every=config.noise_scale_every if config.log_noise_scale else 0,
+                    mesh=mesh if per_example and mesh.size > 1 else None)
 
 
 def dp_numbers(config: TrainConfig) -> dict:
@@ -307,7 +313,7 @@ def train_step(state, batch, numbers, *, apply_fn, batch_loss, optimizer, reduct
         mean = grads if reduction == "mean" else jax.tree.map(lambda g: g / jnp.sum(weights), grads)
         extra = jax.lax.cond(
             step % gradient.noise_scale_every == 0,
-            lambda: noise_scale_terms(params, x, labels, weights, mean, apply_fn=apply_fn),
+            lambda: noise_scale_terms(params, x, labels, weights, mean, apply_fn=apply_fn, mesh=gradient.mesh),
             lambda: {k: jnp.zeros((), loss.dtype) for k in NOISE_SCALE_SUMS})
     else:
         grads, loss, logits, extra = plain(params)
@@ -330,7 +336,8 @@ NOISE_SCALE_SUMS = ("ns_g2", "ns_trace", "ns_steps")
 def clipped_gradient(params, x, labels, weights, step, dp, *, apply_fn, gradient):
     """DP-SGD's gradient: the clipped per-example gradients' sum (plus noise
     with gradient.noise; privacy.noisy_mean) over the batch's real examples."""
-    total, per_example = clipped_grad_sum(apply_fn, params, x, labels, dp["clip"], weights, chunk=gradient.chunk)
+    total, per_example = clipped_grad_sum(apply_fn, params, x, labels, dp["clip"], weights, chunk=gradient.chunk,
+                                          mesh=gradient.mesh)
     n = jnp.sum(weights)
     if gradient.noise:
         grads = privacy.noisy_mean(total, dp["clip"], dp["noise"], privacy.step_key(dp["seed"], step), n)
@@ -342,7 +349,7 @@ def clipped_gradient(params, x, labels, weights, step, dp, *, apply_fn, gradient
     return grads, loss, per_example["outputs"], extra
 
 
-def noise_scale_terms(params, x, labels, weights, mean_grad, *, apply_fn):
+def noise_scale_terms(params, x, labels, weights, mean_grad, *, apply_fn, mesh=None):
     """The two unbiased estimates of McCandlish et al. 2018 (appendix A.1)
     with B_small = 1 and B_big = B, the batch, from the per-example gradient
     norms (ghost norms where the model allows: losses.per_example_sq_norms)
@@ -355,7 +362,7 @@ def noise_scale_terms(params, x, labels, weights, mean_grad, *, apply_fn):
     The noise scale B_simple = tr(S) / |G|^2 is taken per epoch from the sums
     of numerator and denominator (smoothed separately, as the paper advises:
     one step's |G|^2 estimate can be negative)."""
-    sq, _, _ = per_example_sq_norms(apply_fn, params, x, labels)
+    sq, _, _ = per_example_sq_norms(apply_fn, params, x, labels, mesh=mesh)
     return noise_scale_estimates(sq, weights, mean_grad)
 
 
@@ -757,7 +764,7 @@ def _train(config, mesh, params, train_ds, test_ds, on_progress, stop_requested)
     train_data = place((train_ds.images, train_ds.labels), replicated(mesh))
     test_x, test_y = place((test_ds.images, test_ds.labels), replicated(mesh))
     chunk_fn = partial(run_chunk, apply_fn=model.apply, batch_loss=LOSSES[config.loss], optimizer=structure,
-                       reduction=config.loss_reduction, gradient=gradient_plan(config), unroll=unroll,
+                       reduction=config.loss_reduction, gradient=gradient_plan(config, mesh), unroll=unroll,
                        record=config.record_steps > 0)
 
     notify({"kind": "start", "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,

@@ -64,6 +64,11 @@ def test_more_devices_than_there_are_is_one_clear_error():
 
 # (model, dtype, steps): the runs compared across device counts and processes
 CASES = [("mlp", "float64", 30), ("mlp", "float32", 30), ("cnn", "float64", 4)]
+# Runs that read per-example gradient norms (float64, 3 steps): clipping and
+# DP-SGD's noise, the noise scale; the cnn's convolutions take the vmap path.
+PER_EXAMPLE = {"cnn-dp": dict(model="cnn", dp_clip=0.1, dp_noise=1.0),
+               "mlp-dp": dict(model="mlp", dp_clip=0.1, dp_noise=1.0),
+               "cnn-noise-scale": dict(model="cnn", log_noise_scale=True, noise_scale_every=1)}
 
 
 def case_config(model, dtype, steps, **kw) -> TrainConfig:
@@ -95,6 +100,10 @@ def four_devices(tmp_path_factory):
             open(path, "wb").write(serialization.to_bytes(run.params))
             out["runs"][f"{{model}}-{{dtype}}"] = {{"devices": run.history[-1]["devices"],
                                                    "seen": run.history[-1]["examples_seen"]}}
+        for name, kw in {PER_EXAMPLE!r}.items():
+            run = train_and_evaluate(TrainConfig(dtype="float64", epochs=1, batch_size=64, max_steps=3, **kw))
+            open("{tmp}/" + name + ".msgpack", "wb").write(serialization.to_bytes(run.params))
+            out["runs"][name] = run.history[-1]
         # each device holds a quarter of every batch's indices
         idx = place(np.arange(2 * 64).reshape(2, 64), by_example(data_mesh()))
         out["shard_shapes"] = sorted({{tuple(s.data.shape) for s in idx.addressable_shards}})
@@ -130,6 +139,18 @@ def test_one_and_four_devices_end_equal(four_devices, model, dtype, steps):
     assert four_devices["runs"][f"{model}-{dtype}"]["seen"] == one.history[-1]["examples_seen"]
     assert str(jax.tree.leaves(four)[0].dtype) == dtype
     assert relative_difference(four, one.params) <= (1e-12 if dtype == "float64" else 1e-5)
+
+
+@pytest.mark.parametrize("name", list(PER_EXAMPLE))
+def test_per_example_norms_are_the_same_on_four_devices(four_devices, name):
+    # Each device takes the norms of its own examples (losses.per_example_sq_norms under shard_map).
+    one = train_and_evaluate(TrainConfig(dtype="float64", epochs=1, batch_size=64, max_steps=3, devices=1,
+                                         **PER_EXAMPLE[name]))
+    four = read_params(four_devices["dir"] / f"{name}.msgpack")
+    assert relative_difference(four, one.params) <= 1e-12
+    for key in ("mean_grad_norm", "clipped_fraction", "noise_scale", "epsilon"):
+        if key in one.history[-1]:
+            assert four_devices["runs"][name][key] == pytest.approx(one.history[-1][key], rel=1e-10), key
 
 
 def test_batches_split_over_four_devices(four_devices):
