@@ -50,6 +50,9 @@ def test_recipe_flags_are_overridden_by_explicit_flags(tmp_path):
     (["--resume"], "no checkpoint in"),
     (["--keep", "0"], "must be 1 or more"),
     (["--checkpoint-every", "0"], "must be 1 or more"),
+    # nothing listens on port 1: bounded by --join-timeout, then one line
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1", "--join-timeout", "1"],
+     "no coordinator answered at 127.0.0.1:1 within 1 s"),
     (["--dp-clip", "0"], "--dp-clip is the largest norm a per-example gradient keeps"),
     (["--dp-clip", "1", "--dp-noise", "-1"], "--dp-noise must be greater than 0"),
     (["--dp-noise", "1"], "pass --dp-clip C too"),

@@ -1,6 +1,7 @@
-"""Five ways to get the mean gradient of a minibatch, all from jaxbatch.losses.
+"""Six ways to get the mean gradient of a minibatch, all from jaxbatch.losses.
 
-Every method returns the same pytree, the gradient of the mean loss
+Every method returns the same pytree, the gradient of the mean loss (for
+clipped, at a clip norm no example reaches)
 
     g = (1/B) sum_i grad_theta l(theta; x_i, y_i),
 
@@ -13,6 +14,8 @@ and differs only in how the work is laid out:
                          come, so only `chunk` of them are in memory at once
     loop                 a Python loop of jitted one-example gradients, summed: option (1)
                          of text A taken literally; small batches only
+    clipped              DP-SGD's clipped mean (1/B) sum_i g_i min(1, C / ||g_i||)
+                         (losses.clipped_mean_grad: ghost norms, one reweighted backward pass)
 
 `make_step(method, apply_fn)` gives the jitted function of (params, xs, ys)
 of the first three, which are `losses.batched_grad`, `losses.vmap_grad` and
@@ -30,7 +33,17 @@ import jax.numpy as jnp
 from jaxbatch import losses
 from jaxbatch.errors import JaxbatchError
 
-METHODS = ("batched", "vmap", "per_example", "per_example_chunked", "loop")
+METHODS = ("batched", "vmap", "per_example", "clipped", "per_example_chunked", "loop")
+# The benchmark's clip norm: so large that no example is clipped. The step does
+# all of clipping's work (every ||g_i||, every factor, the reweighted pass),
+# and its gradient must then equal the batched one, which the run checks.
+CLIP_NORM = 1e6
+
+
+def clipped_grad(apply_fn, params, xs, ys):
+    """The clipped mean gradient at CLIP_NORM (its norms are dropped)."""
+    return losses.clipped_mean_grad(apply_fn, params, xs, ys, CLIP_NORM)[0]
+
 
 # The three methods XLA compiles whole: the batch gradient as jaxbatch.losses
 # computes it. Jitted here, with the model's apply static, so a step is compiled
@@ -39,6 +52,7 @@ STEPS = {
     "batched": jax.jit(losses.batched_grad, static_argnums=0),
     "vmap": jax.jit(losses.vmap_grad, static_argnums=0),
     "per_example": jax.jit(losses.mean_per_example_grads, static_argnums=0),
+    "clipped": jax.jit(clipped_grad, static_argnums=0),
 }
 
 

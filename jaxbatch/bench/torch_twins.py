@@ -10,6 +10,9 @@ PyTorch's (c, h, w).
 Two methods, as in jaxbatch.bench.methods:
     batched      cross-entropy of the batch, torch.autograd.grad (eager backward)
     per_example  torch.func.vmap(torch.func.grad(one-example loss)), then the mean
+    clipped      the same per-example gradients, their norms, each scaled by
+                 min(1, CLIP_NORM / ||g_i||), then the mean: DP-SGD's clipping as
+                 torch.func users (and Opacus) compute it
 
 PyTorch is optional (`pip install jaxbatch[torch]`); this module imports it
 only when called.
@@ -21,7 +24,7 @@ import numpy as np
 
 from jaxbatch.errors import JaxbatchError
 
-TORCH_METHODS = ("batched", "per_example")
+TORCH_METHODS = ("batched", "per_example", "clipped")
 
 
 def require_torch():
@@ -163,8 +166,10 @@ def make_torch_step(method: str, model):
             return torch.autograd.grad(loss, list(params.values()))
         return step
 
-    if method == "per_example":
+    if method in ("per_example", "clipped"):
         from torch.func import functional_call, grad, vmap
+
+        from jaxbatch.bench.methods import CLIP_NORM
 
         def one_loss(p, x, y):
             out = functional_call(model, p, (x.unsqueeze(0),))
@@ -175,7 +180,11 @@ def make_torch_step(method: str, model):
 
         def step(x, y):
             grads = per_example(detached, x, y)
-            return tuple(g.mean(0) for g in grads.values())
+            if method == "per_example":
+                return tuple(g.mean(0) for g in grads.values())
+            norms = sum(g.flatten(1).pow(2).sum(1) for g in grads.values()).sqrt()
+            factor = (CLIP_NORM / norms.clamp_min(1e-30)).clamp(max=1.0)
+            return tuple(torch.einsum("b,b...->...", factor, g) / len(factor) for g in grads.values())
         return step
 
     raise JaxbatchError(f"unknown PyTorch method {method!r}; choose from: {', '.join(TORCH_METHODS)}")

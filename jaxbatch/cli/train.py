@@ -83,6 +83,8 @@ def add_parser(sub) -> None:
                    help="address of process 0's coordinator; with --num-processes and --process-id")
     g.add_argument("--num-processes", type=positive_int, help="how many processes run this same command")
     g.add_argument("--process-id", type=int, help="this process's number, 0 .. num-processes - 1")
+    g.add_argument("--join-timeout", type=positive_int, default=60, metavar="SECONDS",
+                   help="how long to wait for every process to join (default 60)")
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() with no arguments: on Cloud TPU pods, SLURM and "
                    "other clusters JAX finds the coordinator and this process's number itself")
@@ -100,7 +102,7 @@ def start_distributed(args) -> None:
     if not args.distributed and all(v is None for v in explicit):
         return
     if args.distributed:
-        jax.distributed.initialize()
+        _join(jax.distributed.initialize, "the cluster's coordinator", args.join_timeout)
         return
     if any(v is None for v in explicit):
         raise JaxbatchError("--coordinator, --num-processes and --process-id go together; pass all three "
@@ -110,7 +112,44 @@ def start_distributed(args) -> None:
         raise JaxbatchError(f"--coordinator {args.coordinator!r} is not HOST:PORT, e.g. 10.0.0.1:1234")
     if not 0 <= args.process_id < args.num_processes:
         raise JaxbatchError(f"--process-id {args.process_id} is outside 0 .. {args.num_processes - 1}")
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if args.process_id != 0:
+        wait_for_coordinator(host, int(port), args.join_timeout)
+    _join(lambda **kw: jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id, **kw),
+          f"the coordinator at {args.coordinator} as process {args.process_id} of {args.num_processes}",
+          args.join_timeout)
+
+
+def wait_for_coordinator(host: str, port: int, timeout: int) -> None:
+    """Wait until process 0's coordinator accepts connections. XLA's client,
+    when it cannot register in time, ends the process from C++ (SIGABRT and a
+    stack trace), so an address nobody answers at is caught here first."""
+    import socket
+    import time
+
+    from jaxbatch.errors import JaxbatchError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise JaxbatchError(f"no coordinator answered at {host}:{port} within {timeout} s ({err.strerror or err}); "
+                                    "start process 0 first, with the same --coordinator, or check the address")
+            time.sleep(0.5)
+
+
+def _join(initialize, what: str, timeout: int) -> None:
+    """jax.distributed.initialize, bounded in time; a failure is one line."""
+    from jaxbatch.errors import JaxbatchError
+
+    try:
+        initialize(initialization_timeout=timeout)
+    except Exception as err:  # XLA's runtime errors carry many lines; the first says what happened
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise JaxbatchError(f"could not join {what} within {timeout} s ({first[:200]}); check that process 0 "
+                            "is running at that address and that every process passes the same --num-processes")
 
 
 def build_config(args):
