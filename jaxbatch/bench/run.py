@@ -363,7 +363,8 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[dict], None] | No
             if config.torch:
                 from jaxbatch.bench.torch_twins import TORCH_METHODS
 
-                for method in TORCH_METHODS:
+                # The twins of the methods asked for (batched is always timed: the reference).
+                for method in [m for m in TORCH_METHODS if m in config.methods or m == "batched"]:
                     row = _guarded(lambda: case.run_torch(method, jax_rows), "torch", name, b, method)
                     rows.append(row)
                     notify({"kind": "case", **row})
