@@ -199,3 +199,29 @@ def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path, four_d
     assert config["environment"]["devices"] == 4 and config["environment"]["processes"] == 2
     metrics = [json.loads(line) for line in (tmp_path / "hosts0" / "metrics.jsonl").read_text().splitlines()]
     assert [m["devices"] for m in metrics] == [4, 4] and metrics[-1]["steps"] == 30
+
+
+def test_a_process_with_another_num_processes_stops_with_one_line(tmp_path):
+    # XLA takes the coordinator's count; the process started with another one
+    # must not train as if nothing were wrong. (Process 0 then ends too, after
+    # its collectives time out, ~30 s, with one line; it is stopped here.)
+    train = [sys.executable, "-m", "jaxbatch", "train", "--quiet", "--epochs", "1", "--join-timeout", "60"]
+    port = free_port()
+    logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]
+    procs = []
+    try:
+        for i, count in enumerate((2, 3)):
+            procs.append(start([*train, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count),
+                                "--process-id", str(i), "--out", str(tmp_path / f"hosts{i}")], 1, logs[i]))
+        procs[1].wait(timeout=TIMEOUT_S)
+    finally:
+        stop(procs)
+    logs[1].seek(0)
+    output = logs[1].read().strip()
+    for log in logs:
+        log.close()
+    assert procs[1].returncode == 2, output
+    assert output.splitlines()[-1] == (f"jaxbatch train: error: this process was started with --num-processes 3, "
+                                       f"but the coordinator at 127.0.0.1:{port} runs 2; pass the same "
+                                       "--num-processes to every process")
+    assert not (tmp_path / "hosts1").exists()

@@ -117,6 +117,12 @@ def start_distributed(args) -> None:
     _join(lambda **kw: jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id, **kw),
           f"the coordinator at {args.coordinator} as process {args.process_id} of {args.num_processes}",
           args.join_timeout)
+    if jax.process_count() != args.num_processes:
+        # The coordinator's count wins inside XLA; a process started with another
+        # one would otherwise train as if nothing were wrong.
+        raise JaxbatchError(f"this process was started with --num-processes {args.num_processes}, but the "
+                            f"coordinator at {args.coordinator} runs {jax.process_count()}; pass the same "
+                            "--num-processes to every process")
 
 
 def wait_for_coordinator(host: str, port: int, timeout: int) -> None:
@@ -268,6 +274,14 @@ def run(args) -> int:
     try:
         with stop_on_signals() as stop_requested:
             result = train_and_evaluate(config, on_progress=on_progress, stop_requested=stop_requested)
+    except jax.errors.JaxRuntimeError as err:
+        if jax.process_count() == 1:
+            raise
+        from jaxbatch.errors import JaxbatchError
+
+        first = str(err).strip().splitlines()[0][:300]
+        raise JaxbatchError(f"a collective with the other processes failed ({first}); another process "
+                            "probably stopped: see its output, and check every process passes the same flags")
     except Interrupted as stop:
         if jax.process_index() == 0:
             print(f"jaxbatch train: {stop}; resume with: {resume_command(args.argv, config.out)}",
