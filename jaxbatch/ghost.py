@@ -91,10 +91,7 @@ def per_example_sq_norms(apply_fn, params, xs, ys, loss_fn, dense: list[tuple]):
         return jnp.sum(losses), (losses, out, [x for _, x, _ in taps])
 
     deltas, (losses, out, inputs) = jax.grad(summed, has_aux=True)(zeros)
-    sq = jnp.zeros(xs.shape[0], losses.dtype)
-    for d, x, layer in zip(deltas, inputs, layers):
-        d2 = jnp.sum(d**2, axis=1)
-        sq = sq + jnp.sum(x**2, axis=1) * d2 + (d2 if "bias" in layer else 0.0)
+    sq = _dense_sq_norms(deltas, inputs, layers)
     # The rest: per-example gradients of the non-dense parameters only.
     inside, rest = _split(params, dense)
     if rest:
@@ -104,6 +101,16 @@ def per_example_sq_norms(apply_fn, params, xs, ys, loss_fn, dense: list[tuple]):
         grads = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(rest, xs, ys)
         sq = sq + sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in grads.values())
     return sq, losses, out
+
+
+def _dense_sq_norms(deltas, inputs, layers):
+    """sum over the Dense layers of ||x_i||^2 ||d_i||^2 (+ ||d_i||^2 for a
+    bias): every example's squared gradient norm in those layers."""
+    sq = 0.0
+    for d, x, layer in zip(deltas, inputs, layers):
+        d2 = jnp.sum(d**2, axis=1)
+        sq = sq + jnp.sum(x**2, axis=1) * d2 + (d2 if "bias" in layer else 0.0)
+    return sq
 
 
 def _zeros_like_batch(xs, layer):
@@ -146,8 +153,4 @@ def grads_and_sq_norms(apply_fn, params, xs, ys, weights, loss_fn, reduction="me
     (loss, (out, inputs)), (grads, deltas) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
         params, zeros)
     scale = 1.0 if reduction == "sum" else n  # d_i = delta_i / (w_i / n); padded examples (w_i = 0) stay 0
-    sq = jnp.zeros(xs.shape[0], loss.dtype)
-    for d, x, layer in zip(deltas, inputs, layers):
-        d2 = jnp.sum((d * scale) ** 2, axis=1)
-        sq = sq + jnp.sum(x**2, axis=1) * d2 + (d2 if "bias" in layer else 0.0)
-    return grads, loss, out, sq
+    return grads, loss, out, _dense_sq_norms([d * scale for d in deltas], inputs, layers)

@@ -46,7 +46,7 @@ from jaxbatch.experiments.report import format_table, new_figure
 from jaxbatch.losses import batched_grad, clip_factors, clipped_mean_grad, per_example_norms
 from jaxbatch.models import get_model
 from jaxbatch.precision import enable_x64, relative_difference
-from jaxbatch.train import TrainConfig, init_params, input_numbers, normalize, train_and_evaluate
+from jaxbatch.train import TrainConfig, init_params, input_numbers, normalize, prepare_data, train_and_evaluate
 
 POINTS = ("init", "after_sgd")
 RUNS = ("sgd", "clip", "dp_sgd")
@@ -205,11 +205,9 @@ def train_run(train_config: TrainConfig, train, test, label: str, on_progress):
 def run(config: Config, on_progress=None) -> dict:
     on_progress = on_progress or (lambda text: None)
     validate(config)
-    train = data_lib.load(config.dataset, "train", config.data_dir)
-    test = data_lib.load(config.dataset, "test", config.data_dir)
-    data_lib.check_batch_size(config.batch_size, train)
+    train, test = prepare_data(TrainConfig(model=config.model, dataset=config.dataset, data_dir=config.data_dir,
+                                           batch_size=config.batch_size))
     model = get_model(config.model)
-    model.check_image_shape(train.image_shape)
 
     runs, params, configs = {}, {}, train_configs(config)
     for name, train_config in configs.items():

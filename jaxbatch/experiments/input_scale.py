@@ -33,7 +33,7 @@ from jaxbatch import data as data_lib
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.experiments.report import format_table, new_figure
 from jaxbatch.models import get_model
-from jaxbatch.train import Diverged, TrainConfig, init_params, train_and_evaluate
+from jaxbatch.train import Diverged, TrainConfig, init_params, prepare_data, train_and_evaluate
 
 # row: (label, input scale, lr factor, initial-weight factor, standardise)
 ROWS = {
@@ -111,10 +111,8 @@ def gradient_norms(train_config: TrainConfig, params, train, test, steps: int) -
 def run(config: Config, on_progress=None) -> dict:
     on_progress = on_progress or (lambda text: None)
     validate(config)
-    train = data_lib.load(config.dataset, "train", config.data_dir)
-    test = data_lib.load(config.dataset, "test", config.data_dir)
-    data_lib.check_batch_size(config.batch_size, train)
-    get_model(config.model).check_image_shape(train.image_shape)
+    train, test = prepare_data(TrainConfig(model=config.model, dataset=config.dataset, data_dir=config.data_dir,
+                                           batch_size=config.batch_size))
     rows = {}
     for row, (label, *_) in ROWS.items():
         train_config = row_config(config, row)
