@@ -68,7 +68,8 @@ def start_and_signal(argv, out, tmp_path, name, signum, after: int = 1) -> tuple
         proc = start(argv, log)
         try:
             deadline = time.monotonic() + TIMEOUT_S
-            while len(seen := checkpoints(out)) < after:
+            # Complete checkpoints only: a save under way shows first as its temporary file.
+            while len(seen := [n for n in checkpoints(out) if n.startswith("ckpt-")]) < after:
                 assert proc.poll() is None and time.monotonic() < deadline, "the run ended before a checkpoint"
                 time.sleep(0.002)
             os.kill(proc.pid, signum)
