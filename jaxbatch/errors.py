@@ -18,8 +18,11 @@ class JaxbatchError(Exception):
     shows its flag instead (`err.render("--batch-size")`).
     """
 
-    def __init__(self, message: str, setting: str | None = None):
+    def __init__(self, message: str, setting: str | None = None, cluster_broken: bool = False):
         self.template, self.setting = message, setting
+        # A process of a multi-process run whose peers will never reach JAX's
+        # shutdown barrier: the command line then exits without waiting there.
+        self.cluster_broken = cluster_broken
         super().__init__(self.render(setting))
 
     def render(self, name: str | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from jaxbatch.errors import JaxbatchError
@@ -83,6 +84,13 @@ def main(argv=None) -> int:
         return args.run(args) or 0
     except JaxbatchError as err:
         print(f"jaxbatch {args.command}: error: {err.render(flag_name(err.setting))}", file=sys.stderr)
+        if err.cluster_broken:
+            # At exit JAX waits at a shutdown barrier for every process of the
+            # cluster; peers that never come would hold this one there ~35 s
+            # after its error line. Leave at once instead.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print(f"jaxbatch {args.command}: interrupted", file=sys.stderr)

@@ -122,7 +122,7 @@ def start_distributed(args) -> None:
         # one would otherwise train as if nothing were wrong.
         raise JaxbatchError(f"this process was started with --num-processes {args.num_processes}, but the "
                             f"coordinator at {args.coordinator} runs {jax.process_count()}; pass the same "
-                            "--num-processes to every process")
+                            "--num-processes to every process", cluster_broken=True)
 
 
 def wait_for_coordinator(host: str, port: int, timeout: int) -> None:
@@ -281,7 +281,8 @@ def run(args) -> int:
 
         first = str(err).strip().splitlines()[0][:300]
         raise JaxbatchError(f"a collective with the other processes failed ({first}); another process "
-                            "probably stopped: see its output, and check every process passes the same flags")
+                            "probably stopped: see its output, and check every process passes the same flags",
+                            cluster_broken=True)
     except Interrupted as stop:
         if jax.process_index() == 0:
             print(f"jaxbatch train: {stop}; resume with: {resume_command(args.argv, config.out)}",
