@@ -224,8 +224,9 @@ def _clipped_sum_one_chunk(apply_fn, params, xs, ys, weights, clip, loss_fn):
 def per_example_sq_norms(apply_fn, params, xs, ys, loss_fn=cross_entropy, method="auto", mesh=None):
     """(||g_i||^2 for every example, per-example losses, outputs), without
     forming the g_i where the model allows: method "auto" takes ghost norms
-    (jaxbatch/ghost.py) when every flax Dense layer sees (B, features)
-    inputs, "vmap" always forms per_example_grads. Both give the same norms
+    (jaxbatch/ghost.py) for flax Dense and Conv layers applied to a batch,
+    vmapped gradients for any other parameter; "vmap" always forms
+    per_example_grads. Both give the same norms
     (tests/test_privacy.py checks them against each other and a loop).
 
     With a `mesh` of several devices (the batch split along "data"), each
@@ -244,11 +245,36 @@ def per_example_sq_norms(apply_fn, params, xs, ys, loss_fn=cross_entropy, method
 
         return shard_map(local, mesh=mesh, in_specs=(spec("data"), spec("data"), spec("data")),
                          out_specs=(spec("data"),) * 3)(copies, xs, ys)
-    dense = ghost.dense_layers(apply_fn, params, xs) if method == "auto" else None
-    if dense:
-        return ghost.per_example_sq_norms(apply_fn, params, xs, ys, loss_fn, dense)
+    taken = ghost.layers(apply_fn, params, xs) if method == "auto" else None
+    if taken:
+        return ghost.per_example_sq_norms(apply_fn, params, xs, ys, loss_fn, taken)
     (losses, outputs), grads = per_example_values_and_grads(apply_fn, params, xs, ys, loss_fn)
     return per_example_norms(grads) ** 2, losses, outputs
+
+
+def _clipped_sum_one_pass(apply_fn, params, xs, ys, clip, weights, loss_fn, mesh):
+    """clipped_grad_sum for a model ghost.covers_all takes; with a mesh of
+    several devices, each device its own examples, the sums added up (psum)."""
+    def local(p, x, y, w):
+        total, sq, losses, outputs = ghost.weighted_grad_sum(
+            apply_fn, p, x, y, loss_fn, ghost.layers(apply_fn, p, x),
+            lambda sq, losses: (w * clip_factors(jnp.sqrt(sq), clip)).astype(losses.dtype))
+        return total, {"norms": jnp.sqrt(sq), "losses": losses, "outputs": outputs}
+
+    if mesh is None or mesh.size == 1:
+        return local(params, xs, ys, weights)
+    spec = jax.sharding.PartitionSpec
+    # Each device its own copy of the parameters, as in data_parallel_grad: a
+    # convolution's kernel gradient taken of a replicated kernel inside
+    # shard_map would already be summed over the devices before psum.
+    copies = jax.tree.map(lambda a: jnp.broadcast_to(a, (mesh.size, *a.shape)), params)
+
+    def on_device(p, x, y, w):
+        total, per_example = local(jax.tree.map(lambda a: a[0], p), x, y, w)
+        return jax.lax.psum(total, "data"), per_example
+
+    return shard_map(on_device, mesh=mesh, in_specs=(spec("data"),) * 4,
+                     out_specs=(spec(), spec("data")))(copies, xs, ys, weights)
 
 
 def clipped_grad_sum(apply_fn, params, xs, ys, clip, weights=None, loss_fn=cross_entropy, chunk=None,
@@ -257,9 +283,12 @@ def clipped_grad_sum(apply_fn, params, xs, ys, clip, weights=None, loss_fn=cross
     (before clipping), "losses": l_i, "outputs"}. Weights (1 real, 0 padding)
     drop padded examples.
 
-    method "auto": the norms from `per_example_sq_norms` (ghost norms where
-    the model allows), then the clipped sum as ONE batched backward pass of
-    sum_i c_i l_i with the factors c_i held constant: no g_i is ever formed.
+    method "auto": when every parameter sits in a flax Dense or Conv layer,
+    ONE forward and backward pass gives the norms and the clipped sum
+    (jaxbatch/ghost.py). Otherwise the norms from `per_example_sq_norms`
+    (ghost norms where the model allows), then the clipped sum as one more
+    batched backward pass of sum_i c_i l_i with the factors c_i held
+    constant. Either way no g_i is ever formed.
     method "vmap": the definition, every g_i formed (jax.vmap(jax.grad)),
     scaled and summed; with `chunk`, `chunk` examples at a time under
     lax.scan, so only chunk x (number of parameters) gradient entries exist at
@@ -268,6 +297,8 @@ def clipped_grad_sum(apply_fn, params, xs, ys, clip, weights=None, loss_fn=cross
     b = xs.shape[0]
     weights = jnp.ones((b,), xs.dtype if jnp.issubdtype(xs.dtype, jnp.floating) else jnp.float32) \
         if weights is None else weights
+    if method == "auto" and chunk is None and ghost.covers_all(apply_fn, params, xs):
+        return _clipped_sum_one_pass(apply_fn, params, xs, ys, clip, weights, loss_fn, mesh)
     if method == "auto" and chunk is None:
         sq, losses, outputs = per_example_sq_norms(apply_fn, params, xs, ys, loss_fn, mesh=mesh)
         norms = jnp.sqrt(sq)

@@ -300,7 +300,7 @@ def train_step(state, batch, numbers, *, apply_fn, batch_loss, optimizer, reduct
     if gradient.clip:
         grads, loss, logits, extra = clipped_gradient(params, x, labels, weights, step, numbers["dp"],
                                                       apply_fn=apply_fn, gradient=gradient)
-    elif gradient.noise_scale_every and ghost.all_dense(apply_fn, params, x):
+    elif gradient.noise_scale_every and ghost.covers_all(apply_fn, params, x, dense_only=True):
         # Every parameter in Dense layers: the step's own backward pass gives
         # every ||g_i|| too, so measuring costs nothing; every k-th step counts.
         grads, loss, logits, sq = ghost.grads_and_sq_norms(apply_fn, params, x, labels, weights, cross_entropy,

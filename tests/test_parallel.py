@@ -65,7 +65,7 @@ def test_more_devices_than_there_are_is_one_clear_error():
 # (model, dtype, steps): the runs compared across device counts and processes
 CASES = [("mlp", "float64", 30), ("mlp", "float32", 30), ("cnn", "float64", 4)]
 # Runs that read per-example gradient norms (float64, 3 steps): clipping and
-# DP-SGD's noise, the noise scale; the cnn's convolutions take the vmap path.
+# DP-SGD's noise (one pass, jaxbatch/ghost.py, summed over devices), the noise scale.
 PER_EXAMPLE = {"cnn-dp": dict(model="cnn", dp_clip=0.1, dp_noise=1.0),
                "mlp-dp": dict(model="mlp", dp_clip=0.1, dp_noise=1.0),
                "cnn-noise-scale": dict(model="cnn", log_noise_scale=True, noise_scale_every=1)}

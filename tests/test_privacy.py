@@ -1,6 +1,7 @@
 """Per-example clipping against a direct loop (float64), DP-SGD's noise and
 accounting, and the gradient noise scale measured during training."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,6 +134,44 @@ def test_ghost_norms_are_the_per_example_gradient_norms(name):
     np.testing.assert_allclose(ghost_losses, plain_losses, rtol=1e-12)
 
 
+class ConvShapes(nn.Module):
+    """Convolutions of every geometry ghost.py unfolds (strides, SAME, VALID,
+    explicit and uneven padding, kernel dilation, 1-D, no bias), big and
+    small outputs so both norm formulas run, and two it must leave to vmap
+    (feature groups, circular padding)."""
+    leave_to_vmap: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), strides=2, padding="SAME")(x))  # 8x8 -> 4x4: T = 16, P C = 144
+        x = nn.relu(nn.Conv(6, (2, 3), padding=((1, 0), (2, 1)), kernel_dilation=(1, 2))(x))
+        x = nn.relu(nn.Conv(12, (3, 3), padding="VALID", use_bias=False)(x))  # T = 2 x 2: 2T^2 < P C
+        if self.leave_to_vmap:
+            x = nn.Conv(12, (1, 1), feature_group_count=3)(x)
+            x = nn.Conv(12, (3, 3), padding="CIRCULAR")(x)
+        x = nn.Conv(5, (3,), strides=2, padding=1)(x.reshape(*x.shape[:-3], -1, x.shape[-1]))  # 1-D
+        return nn.Dense(10)(x.reshape(*x.shape[:-2], -1))  # one example or a batch, like jaxbatch's models
+
+
+@pytest.mark.parametrize("leave_to_vmap", [False, True])
+def test_convolution_norms_and_clipped_sums_for_every_geometry(leave_to_vmap):
+    model = ConvShapes(leave_to_vmap)
+    with enable_x64():
+        rng = np.random.default_rng(2)
+        xs, ys = rng.standard_normal((5, 8, 8, 3)), rng.integers(0, 10, 5)
+        params = jax.tree.map(lambda a: np.asarray(a, np.float64), model.init(jax.random.key(1), xs[:1]))
+        assert ghost.covers_all(model.apply, params, xs) is not leave_to_vmap
+        auto_sq, _, _ = jax.jit(lambda p, x, y: losses.per_example_sq_norms(model.apply, p, x, y))(params, xs, ys)
+        plain_sq, _, _ = losses.per_example_sq_norms(model.apply, params, xs, ys, method="vmap")
+        _, norms = loop_clipped_mean(model, params, xs, ys, 1.0)
+        clip = float(np.median(norms))
+        expected, _ = loop_clipped_mean(model, params, xs, ys, clip)
+        got, _ = jax.jit(lambda p, x, y: losses.clipped_mean_grad(model.apply, p, x, y, clip))(params, xs, ys)
+    np.testing.assert_allclose(auto_sq, plain_sq, rtol=1e-12)
+    np.testing.assert_allclose(np.sqrt(auto_sq), norms, rtol=1e-12)
+    assert relative_difference(got, expected) <= 1e-12
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_one_pass_gives_the_gradient_and_the_norms_for_dense_models(reduction):
     # The mlp is all Dense layers: the step's own backward pass gives every ||g_i||.
@@ -147,8 +186,8 @@ def test_one_pass_gives_the_gradient_and_the_norms_for_dense_models(reduction):
     np.testing.assert_allclose(sq[:5], expected[:5], rtol=1e-12)
     assert float(sq[5]) == 0.0
     assert relative_difference(grads, grads_ref) <= 1e-12 and abs(float(loss - loss_ref)) <= 1e-12
-    assert ghost.all_dense(model.apply, params, xs)
-    assert not ghost.all_dense(get_model("cnn").apply, setup("cnn")[1], xs)
+    assert ghost.covers_all(model.apply, params, xs, dense_only=True)
+    assert not ghost.covers_all(get_model("cnn").apply, setup("cnn")[1], xs, dense_only=True)
 
 
 def test_logging_the_noise_scale_trains_the_same_run():

@@ -15,7 +15,7 @@ and differs only in how the work is laid out:
     loop                 a Python loop of jitted one-example gradients, summed: option (1)
                          of text A taken literally; small batches only
     clipped              DP-SGD's clipped mean (1/B) sum_i g_i min(1, C / ||g_i||)
-                         (losses.clipped_mean_grad: ghost norms, one reweighted backward pass)
+                         (losses.clipped_mean_grad: ghost norms and the clipped sum in one pass)
 
 `make_step(method, apply_fn)` gives the jitted function of (params, xs, ys)
 of the first three, which are `losses.batched_grad`, `losses.vmap_grad` and
@@ -35,7 +35,7 @@ from jaxbatch.errors import JaxbatchError
 
 METHODS = ("batched", "vmap", "per_example", "clipped", "per_example_chunked", "loop")
 # The benchmark's clip norm: so large that no example is clipped. The step does
-# all of clipping's work (every ||g_i||, every factor, the reweighted pass),
+# all of clipping's work (every ||g_i||, every factor, the clipped sum),
 # and its gradient must then equal the batched one, which the run checks.
 CLIP_NORM = 1e6
 

@@ -71,7 +71,7 @@ class Config:
     train_noise: float = 1.0  # sigma for DP-SGD
     delta: float = 1e-5
     # Examples clipped at a time (TrainConfig.dp_chunk), forming every g_i;
-    # None: ghost norms and one reweighted backward pass (jaxbatch/ghost.py),
+    # None: ghost norms and the clipped sum from one pass (jaxbatch/ghost.py),
     # which never forms them.
     dp_chunk: int | None = None
     seed: int = 0
