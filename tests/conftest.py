@@ -6,6 +6,20 @@ import pytest
 # Keep tests off any user cache or data folder.
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+# Compiled programs go to JAX's persistent compilation cache, in
+# .pytest_cache/xla (delete it for a cold run): many tests compile a program
+# another test or an earlier run already compiled (the same training step,
+# the same child-process run), and on a 2-core CPU compiling is most of a
+# test's time. Set here, before anything imports jax, so the processes the
+# tests start inherit it too. Programs and results are the same either way.
+# A size limit turns on JAX's least-recently-used eviction and, with it, a file
+# lock around every read and write, so that pytest-xdist's workers and their
+# child processes never read an entry another one is still writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))
+
 
 @pytest.fixture(autouse=True)
 def _isolated_dirs(tmp_path_factory, monkeypatch):
@@ -24,3 +38,15 @@ def real_data_dir():
     if not path:
         pytest.skip("JAXBATCH_DATA_DIR is not set: real-data test skipped")
     return Path(path)
+
+
+# The modules that take longest (child processes, several devices) go first:
+# with `-n auto --dist loadscope` each module runs whole on one worker, in
+# collection order, so one of them starting last would leave the other
+# workers idle at the end.
+LONGEST_FIRST = ("test_parallel.py", "test_resume.py", "test_bench.py", "test_privacy.py", "test_experiments.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

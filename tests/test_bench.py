@@ -106,6 +106,7 @@ def test_record_schema(tiny_record, tmp_path):
     for key in ("platform", "name", "device_kind", "device_count", "host_cpu", "host_cores", "memory_bytes"):
         assert key in record["device"]
     assert record["software"]["jax"] == jax.__version__ and record["software"]["jaxlib"]
+    assert record["software"]["torch"] is None  # PyTorch was not timed, so not even imported
     assert record["matmul_peak"]["jax"]["flops_per_s"] > 0
     assert len(record["matmul_peak"]["jax_runs"]) == 3  # before the first model and after each
     assert record["epochs"] == []
@@ -273,7 +274,7 @@ def test_torch_twins_compute_the_jax_gradient(name):
 
 
 def test_torch_rows_sit_beside_the_jax_rows():
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     config = BenchConfig(models=("cnn",), batch_sizes=(2,), methods=("batched", "per_example"), torch=True,
                          torch_threads=(1, 2), **TINY)
     record = run_benchmarks(config)
@@ -284,4 +285,5 @@ def test_torch_rows_sit_beside_the_jax_rows():
     assert rows["torch", "per_example"]["max_rel_diff_vs_batched"] < 1e-4
     assert rows["torch", "batched"]["flops"] == rows["jax", "batched"]["flops"]
     assert record["matmul_peak"]["torch"]["flops_per_s"] > 0
+    assert record["software"]["torch"] == torch.__version__
     assert "torch / jax" in report.to_markdown(record)

@@ -53,7 +53,9 @@ def device_memory_bytes(device=None) -> int | None:
     return None
 
 
-def software_versions() -> dict:
+def software_versions(with_torch: bool = False) -> dict:
+    """Versions of what timed the run; PyTorch's only when it was timed too
+    (importing it takes seconds, and its version says nothing about a JAX-only run)."""
     import flax
     import jax
     import jaxlib
@@ -69,13 +71,12 @@ def software_versions() -> dict:
         "numpy": numpy.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-    try:
+    versions["torch"] = None
+    if with_torch:
         import torch
 
         versions["torch"] = torch.__version__
         versions["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        versions["torch"] = None
     return versions
 
 

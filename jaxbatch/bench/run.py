@@ -320,7 +320,7 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[dict], None] | No
         "schema": SCHEMA,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
-        "software": device_lib.software_versions(),
+        "software": device_lib.software_versions(with_torch=config.torch),
         "settings": dataclasses.asdict(config),
         # The steps are timed at this precision; max_rel_diff_vs_batched is checked at check_precision.
         "precision": matmul_precision(),
