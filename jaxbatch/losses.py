@@ -16,7 +16,7 @@ batch loss two ways that compute the same number:
 
 `per_example_grads` is jax.vmap(jax.grad(example_loss)): every example's own
 gradient, whose mean is the batch gradient (option 1, done in parallel). The
-batch gradient itself comes four ways, here and nowhere else:
+batch gradient itself comes five ways, here and nowhere else:
 
     loop_grad               a Python loop of one-example gradients, averaged (option 1, literally)
     mean_per_example_grads  the mean of per_example_grads
@@ -40,11 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbatch import ghost
-
-try:
-    from jax import shard_map
-except ImportError:  # JAX < 0.7
-    from jax.experimental.shard_map import shard_map
+from jaxbatch.devices import BY_EXAMPLE, SHARED, per_device
 
 
 def cross_entropy(logits, label):
@@ -114,7 +110,7 @@ def batched_loss(apply_fn, params, xs, ys, weights=None, loss_fn=cross_entropy, 
     return batched_loss_and_outputs(apply_fn, params, xs, ys, weights, loss_fn, reduction)[0]
 
 
-# ---- gradients: the batch gradient four ways --------------------------------
+# ---- gradients: the batch gradient five ways --------------------------------
 
 
 def per_example_grads(apply_fn, params, xs, ys, loss_fn=cross_entropy):
@@ -167,19 +163,10 @@ def data_parallel_grad(apply_fn, params, xs, ys, mesh, loss_fn=cross_entropy):
     So K workers with B/K examples each compute the gradient of one batch of
     B. (Training does the same without saying so: `train.run_chunk` is jitted
     with the batch split along "data" and XLA inserts this all-reduce.)"""
-    spec = jax.sharding.PartitionSpec
-    k = mesh.size
-    # Every device gets its own copy of the parameters (a leading axis of K,
-    # split over "data"). Had they been passed replicated, autodiff inside
-    # shard_map would sum the K gradients by itself before pmean could average.
-    copies = jax.tree.map(lambda a: jnp.broadcast_to(a, (k, *a.shape)), params)
+    def own(p, x, y):
+        return jax.lax.pmean(batched_grad(apply_fn, p, x, y, loss_fn), "data")
 
-    def per_device(p, x, y):
-        own = jax.tree.map(lambda a: a[0], p)
-        return jax.lax.pmean(batched_grad(apply_fn, own, x, y, loss_fn), "data")
-
-    return shard_map(per_device, mesh=mesh, in_specs=(spec("data"), spec("data"), spec("data")),
-                     out_specs=spec())(copies, xs, ys)
+    return per_device(own, mesh, SHARED)(params, xs, ys)
 
 
 # ---- where the ways part: per-example clipping (DP-SGD) ---------------------
@@ -234,17 +221,10 @@ def per_example_sq_norms(apply_fn, params, xs, ys, loss_fn=cross_entropy, method
     jit's sharding propagation, XLA (jax 0.10.2, CPU) computed wrong
     per-example gradients of convolutions for the second device's examples."""
     if mesh is not None and mesh.size > 1:
-        spec = jax.sharding.PartitionSpec
-        # Each device its own copy of the parameters, as in data_parallel_grad:
-        # differentiating a replicated input inside shard_map would sum the
-        # devices' gradients, mixing examples of different devices.
-        copies = jax.tree.map(lambda a: jnp.broadcast_to(a, (mesh.size, *a.shape)), params)
+        def own(p, x, y):
+            return per_example_sq_norms(apply_fn, p, x, y, loss_fn, method)
 
-        def local(p, x, y):
-            return per_example_sq_norms(apply_fn, jax.tree.map(lambda a: a[0], p), x, y, loss_fn, method)
-
-        return shard_map(local, mesh=mesh, in_specs=(spec("data"), spec("data"), spec("data")),
-                         out_specs=(spec("data"),) * 3)(copies, xs, ys)
+        return per_device(own, mesh, (BY_EXAMPLE,) * 3)(params, xs, ys)
     taken = ghost.layers(apply_fn, params, xs) if method == "auto" else None
     if taken:
         return ghost.per_example_sq_norms(apply_fn, params, xs, ys, loss_fn, taken)
@@ -263,18 +243,12 @@ def _clipped_sum_one_pass(apply_fn, params, xs, ys, clip, weights, loss_fn, mesh
 
     if mesh is None or mesh.size == 1:
         return local(params, xs, ys, weights)
-    spec = jax.sharding.PartitionSpec
-    # Each device its own copy of the parameters, as in data_parallel_grad: a
-    # convolution's kernel gradient taken of a replicated kernel inside
-    # shard_map would already be summed over the devices before psum.
-    copies = jax.tree.map(lambda a: jnp.broadcast_to(a, (mesh.size, *a.shape)), params)
 
-    def on_device(p, x, y, w):
-        total, per_example = local(jax.tree.map(lambda a: a[0], p), x, y, w)
+    def own(p, x, y, w):
+        total, per_example = local(p, x, y, w)
         return jax.lax.psum(total, "data"), per_example
 
-    return shard_map(on_device, mesh=mesh, in_specs=(spec("data"),) * 4,
-                     out_specs=(spec(), spec("data")))(copies, xs, ys, weights)
+    return per_device(own, mesh, (SHARED, BY_EXAMPLE))(params, xs, ys, weights)
 
 
 def clipped_grad_sum(apply_fn, params, xs, ys, clip, weights=None, loss_fn=cross_entropy, chunk=None,

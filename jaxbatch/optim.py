@@ -43,6 +43,11 @@ def check_schedule(name: str, warmup_steps) -> None:
         raise JaxbatchError(f"schedule {name!r} needs {{setting}} of 1 or more", setting="warmup_steps")
 
 
+def check_nesterov(name: str, nesterov: bool, momentum) -> None:
+    if nesterov and (name != "sgd" or _unused(momentum)):
+        raise JaxbatchError("{setting} needs optimizer sgd and a momentum greater than 0", setting="nesterov")
+
+
 def make_schedule(name: str, lr, warmup_steps=0, total_steps=1):
     """step t -> learning rate.
     constant: lr.  warmup: lr * min(1, t / warmup_steps) (Goyal et al. 2017).
@@ -70,8 +75,7 @@ def make_optimizer(name: str, learning_rate, momentum=0.0, nesterov: bool = Fals
     if name not in OPTIMIZERS:
         raise JaxbatchError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}",
                             setting="optimizer")
-    if nesterov and (name != "sgd" or _unused(momentum)):
-        raise JaxbatchError("{setting} needs optimizer sgd and a momentum greater than 0", setting="nesterov")
+    check_nesterov(name, nesterov, momentum)
     if name == "adamw":
         return optax.adamw(learning_rate, weight_decay=0.0 if _unused(weight_decay) else weight_decay)
     # Coupled weight decay: the L2 term joins the gradient before momentum/Adam sees it.
@@ -82,28 +86,47 @@ def make_optimizer(name: str, learning_rate, momentum=0.0, nesterov: bool = Fals
     return optax.chain(*l2, optax.adam(learning_rate))
 
 
-class Structure(NamedTuple):
-    """What shapes the optimiser's program; hashable, so it can be a static
-    argument of a jitted step. The numbers go separately (`numbers`)."""
+class Optimizer(NamedTuple):
+    """What shapes an optimiser's program, made once per run by `split`;
+    hashable, so the jitted step takes it as a static argument and a second
+    run with the same structure compiles nothing. Its numbers (learning rate,
+    momentum, ...) travel beside it as traced arrays; `transformation` puts
+    the two together inside the step, as optax.inject_hyperparams does."""
     name: str
     schedule: str
     nesterov: bool
     momentum: bool  # whether SGD keeps a momentum buffer
     weight_decay: bool  # whether an L2 / decoupled decay term is applied
 
+    def learning_rate(self, numbers: dict):
+        """step -> learning rate, the schedule the step follows (numbers: the
+        optimiser's own, numbers["optimizer"] in a step)."""
+        return make_schedule(self.schedule, numbers["lr"], numbers["warmup_steps"], numbers["total_steps"])
+
+    def transformation(self, numbers: dict) -> optax.GradientTransformation:
+        """The Optax optimiser with the step's numbers["optimizer"] (which may be traced)."""
+        numbers = numbers["optimizer"]
+        return make_optimizer(self.name, self.learning_rate(numbers), numbers["momentum"] if self.momentum else None,
+                              self.nesterov, numbers["weight_decay"] if self.weight_decay else None)
+
 
 def split(name, lr, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant",
-          warmup_steps=0, total_steps=1) -> tuple[Structure, dict]:
-    """An optimiser's settings as (Structure, numbers): the numbers are scalar
+          warmup_steps=0, total_steps=1) -> tuple[Optimizer, dict]:
+    """An optimiser's settings as (Optimizer, numbers): the numbers are scalar
     arrays (of JAX's default float dtype) that a jitted step takes as arguments."""
-    structure = Structure(name, schedule, bool(nesterov), momentum > 0, weight_decay > 0)
+    check_schedule(schedule, warmup_steps)
+    check_nesterov(name, nesterov, momentum)
+    structure = Optimizer(name, schedule, bool(nesterov), momentum > 0, weight_decay > 0)
     numbers = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps,
                    total_steps=total_steps)
     return structure, {k: jnp.asarray(float(v)) for k, v in numbers.items()}
 
 
-def build(structure: Structure, numbers: dict) -> optax.GradientTransformation:
-    """The Optax optimiser of `split`'s (structure, numbers); numbers may be traced."""
-    schedule = make_schedule(structure.schedule, numbers["lr"], numbers["warmup_steps"], numbers["total_steps"])
-    return make_optimizer(structure.name, schedule, numbers["momentum"] if structure.momentum else None,
-                          structure.nesterov, numbers["weight_decay"] if structure.weight_decay else None)
+def chain(parts, numbers: dict) -> optax.GradientTransformationExtraArgs:
+    """The Optax transformation of a step: `parts` (each hashable, with
+    `.transformation(numbers)`: privacy.AddNoise, then an Optimizer) chained
+    in order. Extra arguments of `update` (step, count) reach the parts that
+    take them. One part is returned as it is, so its state is the plain
+    optimiser's."""
+    transformations = [optax.with_extra_args_support(p.transformation(numbers)) for p in parts]
+    return transformations[0] if len(transformations) == 1 else optax.chain(*transformations)

@@ -5,11 +5,12 @@ gradient becomes
 
     g_tilde = (1/B) (sum_i g_i * min(1, C / ||g_i||)  +  N(0, sigma^2 C^2 I)),
 
-every example's gradient clipped to norm C (`losses.clipped_grad_sum`), then
+every example's gradient clipped to norm C (gradients.ClippedGrad), then
 Gaussian noise whose standard deviation is the noise multiplier sigma times
-C, the most one example can move the sum. The rest of the step (momentum,
-Adam, weight decay) is Optax's as usual: it only ever sees g_tilde, so it
-adds no privacy cost.
+C, the most one example can move the sum (`AddNoise`, an Optax-style
+transformation before the optimiser). The rest of the step (momentum, Adam,
+weight decay) is Optax's as usual: it only ever sees g_tilde, so it adds no
+privacy cost.
 
 Privacy accounting: each step is a subsampled Gaussian mechanism with
 sampling rate q = B / N, composed over the run's steps; `epsilon` asks
@@ -25,8 +26,10 @@ training, not a formal guarantee for shuffling, which can be weaker
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import jax
+import optax
 
 from jaxbatch.errors import JaxbatchError
 
@@ -36,10 +39,35 @@ INSTALL_HINT = 'pip install -e ".[dp]" (or: pip install dp-accounting)'
 def noisy_mean(clipped_sum, clip, noise, key, count):
     """(clipped_sum + N(0, (noise * clip)^2 I)) / count: one independent
     normal draw per parameter entry, from `key`."""
-    leaves, tree = jax.tree.flatten(clipped_sum)
+    return jax.tree.map(lambda s, z: (s + noise * clip * z) / count, clipped_sum, standard_normal(clipped_sum, key))
+
+
+def standard_normal(tree, key):
+    """N(0, I) draws shaped like `tree`, one key per leaf split from `key`."""
+    leaves, structure = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
-    noisy = [(s + noise * clip * jax.random.normal(k, s.shape, s.dtype)) / count for s, k in zip(leaves, keys)]
-    return jax.tree.unflatten(tree, noisy)
+    return jax.tree.unflatten(structure, [jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)])
+
+
+class AddNoise(NamedTuple):
+    """DP-SGD's noise as an Optax transformation before the optimiser: the
+    clipped mean gradient g_bar of B examples becomes
+
+        g_tilde = g_bar + N(0, (sigma C)^2 I) / B,
+
+    sigma = numbers["dp"]["noise"], C = numbers["dp"]["clip"]. Stateless: the
+    noise of global step t comes from (seed, t) alone (`step_key`), so a
+    resumed run draws what an uninterrupted one would. Its update takes the
+    extra arguments `step` and `count` (B, the batch's real examples)."""
+
+    def transformation(self, numbers: dict) -> optax.GradientTransformationExtraArgs:
+        dp = numbers["dp"]
+
+        def update(updates, state, params=None, *, step, count, **extra):
+            z = standard_normal(updates, step_key(dp["seed"], step))
+            return jax.tree.map(lambda g, z: g + (dp["noise"] * dp["clip"] / count) * z, updates, z), state
+
+        return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def step_key(seed, step):

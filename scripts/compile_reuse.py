@@ -27,7 +27,7 @@ TARGET = 0.08
 def one_process() -> dict:
     """Three runs in this process: the first, the same again, another lr and seed."""
     from jaxbatch import train
-    from jaxbatch.train import TrainConfig, train_and_evaluate
+    from jaxbatch import TrainConfig, train_and_evaluate
 
     configs = [TrainConfig(), TrainConfig(), TrainConfig(lr=0.02, seed=1)]
     times, caches = [], []
@@ -35,7 +35,7 @@ def one_process() -> dict:
         t0 = time.perf_counter()
         train_and_evaluate(config)
         times.append(time.perf_counter() - t0)
-        caches.append((train.run_chunk._cache_size(), train._evaluate._cache_size()))
+        caches.append((train.run_chunk._cache_size(), train.evaluate_split._cache_size()))
     return {"seconds": times, "cache_sizes": caches}
 
 

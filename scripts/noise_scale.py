@@ -30,7 +30,7 @@ from jaxbatch import data
 from jaxbatch.atomic import write_atomic
 from jaxbatch.figures import new_figure
 from jaxbatch.machine import cpu_model
-from jaxbatch.train import TrainConfig, train_and_evaluate
+from jaxbatch import TrainConfig, train_and_evaluate
 
 # The variance experiment's training settings (jaxbatch/experiments/variance.py defaults).
 SETTINGS = dict(model="mlp", batch_size=128, lr=0.02, momentum=0.9)

@@ -20,7 +20,7 @@ import jax
 from jaxbatch import data
 from jaxbatch.machine import cpu_model
 from jaxbatch.recipes import get_recipe
-from jaxbatch.train import TrainConfig, train_and_evaluate
+from jaxbatch import TrainConfig, train_and_evaluate
 
 TARGET_S = {"mlp-fashion": 0.7, "cnn-mnist": 25.0}
 

@@ -21,20 +21,27 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))
 
 
+# The real datasets (CI: ../shared/data), read once, before any test runs: the
+# tests themselves see no default data folder, so a test that expects "no
+# data here" means it; the real-data tests pass this folder by name.
+REAL_DATA_DIR = os.environ.get("JAXBATCH_DATA_DIR")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_dirs(tmp_path_factory, monkeypatch):
-    """Caches and the default data folder go to a per-session temp dir unless CI set them."""
+    """Caches go to a per-session temp dir unless CI set them; the default
+    data folder is always an empty one."""
     base = tmp_path_factory.getbasetemp()
     if "JAXBATCH_CACHE" not in os.environ:
         monkeypatch.setenv("JAXBATCH_CACHE", str(base / "cache"))
-    if "JAXBATCH_DATA" not in os.environ:
-        monkeypatch.setenv("JAXBATCH_DATA", str(base / "no-data-here"))
+    monkeypatch.setenv("JAXBATCH_DATA_DIR", str(base / "no-data-here"))
+    monkeypatch.delenv("JAXBATCH_DATA", raising=False)
 
 
 @pytest.fixture(scope="session")
 def real_data_dir():
     """The folder of real datasets (CI: ../shared/data); skip when unset."""
-    path = os.environ.get("JAXBATCH_DATA_DIR")
+    path = REAL_DATA_DIR
     if not path:
         pytest.skip("JAXBATCH_DATA_DIR is not set: real-data test skipped")
     return Path(path)

@@ -53,8 +53,25 @@ def test_auto_prefers_files(tmp_path):
 def test_default_data_dir_from_environment(tmp_path, monkeypatch):
     images, labels = random_split(10, (28, 28, 1))
     write_idx_split(tmp_path / "fashion_mnist", "test", images, labels)
-    monkeypatch.setenv("JAXBATCH_DATA", str(tmp_path))
+    monkeypatch.setenv("JAXBATCH_DATA_DIR", str(tmp_path))
     np.testing.assert_array_equal(load("fashion_mnist", "test").labels, labels)
+
+
+def test_old_data_variable_is_read_with_one_notice(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    images, labels = random_split(10, (28, 28, 1))
+    write_idx_split(tmp_path / "fashion_mnist", "test", images, labels)
+    env = {k: v for k, v in os.environ.items() if k != "JAXBATCH_DATA_DIR"}
+    env["JAXBATCH_DATA"] = str(tmp_path)
+    code = "from jaxbatch import load; print(len(load('fashion_mnist', 'test')), len(load('fashion_mnist', 'test')))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["10", "10"]
+    assert proc.stderr.count("\n") == 1  # one notice, however often the folder is asked for
+    assert "$JAXBATCH_DATA is deprecated" in proc.stderr and "$JAXBATCH_DATA_DIR" in proc.stderr
 
 
 def test_cli_list_says_where_each_dataset_is(tmp_path, capsys):

@@ -90,7 +90,8 @@ def four_devices(tmp_path_factory):
         from jaxbatch.errors import JaxbatchError
         from jaxbatch.models import get_model
         from jaxbatch.precision import enable_x64, relative_difference
-        from jaxbatch.train import TrainConfig, by_example, data_mesh, place, train_and_evaluate
+        from jaxbatch import TrainConfig, train_and_evaluate
+        from jaxbatch.devices import by_example, data_mesh, place
 
         out = {{"devices": jax.device_count(), "runs": {{}}}}
         for model, dtype, steps in {CASES!r}:

@@ -11,7 +11,8 @@ from jaxbatch import ghost, losses, privacy
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.models import get_model
 from jaxbatch.precision import enable_x64, relative_difference
-from jaxbatch.train import Interrupted, TrainConfig, noise_scale_terms, train_and_evaluate
+from jaxbatch import Interrupted, TrainConfig, train_and_evaluate
+from jaxbatch.noise_scale import terms as noise_scale_terms
 
 
 def setup(name, b=6, shape=(8, 8, 1)):

@@ -8,7 +8,7 @@ from flax import serialization
 from jaxbatch import train
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.precision import relative_difference as rel_diff
-from jaxbatch.train import Diverged, TrainConfig, init_params, train_and_evaluate
+from jaxbatch import Diverged, TrainConfig, get_model, init_key, init_params, train_and_evaluate
 
 
 def test_default_training_on_digits_reaches_090(tmp_path):
@@ -70,7 +70,7 @@ def test_sum_loss_with_lr_over_b_equals_mean_loss_with_lr():
 
 def test_given_params_replace_the_initialisation():
     config = TrainConfig(epochs=1)
-    params = init_params(config, (8, 8, 1))
+    params = init_params(get_model(config.model), init_key(config.seed), (8, 8, 1))
     scaled = jax.tree.map(lambda p: p * 0.0, params)
     result = train_and_evaluate(config, params=scaled)
     # all-zero weights: the hidden layer stays dead and only the output bias learns
@@ -152,7 +152,7 @@ def test_models_with_a_convolution_are_found_from_their_program():
     for name in MODELS:
         shape = (32, 32, 1) if name == "lenet5" else (28, 28, 1)
         model = get_model(name)
-        params = init_params(TrainConfig(model=name), shape)
+        params = init_params(model, init_key(0), shape)
         found[name] = has_convolution(model.apply, params, jnp.zeros(shape))
     assert found == {"mlp": False, "mlp_scratch": False, "cnn": True, "lenet5": True, "fc_nobias": False}
 
@@ -168,10 +168,10 @@ def test_unrolled_and_rolled_chunks_compute_the_same_training():
 def test_a_second_identical_run_and_a_learning_rate_sweep_compile_nothing():
     config = TrainConfig(epochs=1, batch_size=64)
     train_and_evaluate(config)
-    sizes = (train.run_chunk._cache_size(), train._evaluate._cache_size())
+    sizes = (train.run_chunk._cache_size(), train.evaluate_split._cache_size())
     train_and_evaluate(config)
     train_and_evaluate(TrainConfig(epochs=1, batch_size=64, lr=0.01, seed=3, input_scale=2.0))
-    assert (train.run_chunk._cache_size(), train._evaluate._cache_size()) == sizes
+    assert (train.run_chunk._cache_size(), train.evaluate_split._cache_size()) == sizes
 
 
 @pytest.mark.parametrize("steps_per_chunk", [1, 3, 7])

@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
                        description="See which datasets are available here, and get the others.")
     actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
     actions.required = True
-    data_dir_help = "data folder (default $JAXBATCH_DATA or ~/.jaxbatch/data)"
+    data_dir_help = "data folder (default $JAXBATCH_DATA_DIR or ~/.jaxbatch/data)"
     downloadable = [name for name, spec in DATASETS.items() if spec.downloads]
 
     listing = actions.add_parser("list", help="each dataset, its sizes and sources, and where it is found here")

@@ -2,81 +2,25 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import shlex
 import signal
 import sys
 
-from jaxbatch.cli import non_negative_float, positive_float, positive_int
+from jaxbatch.cli import positive_int
 
 
 def add_parser(sub) -> None:
-    from jaxbatch.data import SOURCES
-    from jaxbatch.models import MODELS
-    from jaxbatch.optim import OPTIMIZERS, SCHEDULES
+    from jaxbatch.config import TrainConfig
     from jaxbatch.recipes import RECIPES
-    from jaxbatch.train import LOSS_MODES, REDUCTIONS, TrainConfig
-
-    d = TrainConfig()  # the defaults, quoted in the help
+    from jaxbatch.settings import add_flags
 
     p = sub.add_parser(
         "train", help="train a model (default: mlp on the bundled digits)",
         description="Train a model with Optax and print the test accuracy after every epoch. "
         "With no flags: mlp on the bundled `digits` dataset. Flags override a --recipe.")
     p.add_argument("--recipe", choices=list(RECIPES), help="a preset reproducing one of the texts' runs")
-    p.add_argument("--model", choices=list(MODELS))
-    p.add_argument("--dataset", help="digits (bundled), mnist, fashion_mnist, kmnist, cifar10")
-    p.add_argument("--data-dir", help="folder holding <dataset>/ files (default $JAXBATCH_DATA or ~/.jaxbatch/data)")
-    p.add_argument("--source", choices=list(SOURCES), help="where to read the dataset from (default auto)")
-    p.add_argument("--epochs", type=positive_int, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=positive_int, help=f"default {d.batch_size}")
-    p.add_argument("--optimizer", choices=list(OPTIMIZERS), help=f"default {d.optimizer}")
-    p.add_argument("--lr", type=positive_float, help=f"learning rate (the peak, with a schedule; default {d.lr:g})")
-    p.add_argument("--momentum", type=non_negative_float, help=f"sgd momentum (default {d.momentum:g})")
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (sgd)")
-    p.add_argument("--weight-decay", type=non_negative_float,
-                   help=f"L2 added to the gradient (sgd, adam), or decoupled (adamw); default {d.weight_decay:g}")
-    p.add_argument("--schedule", choices=list(SCHEDULES), help=f"learning-rate schedule (default {d.schedule})")
-    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps for warmup schedules")
-    p.add_argument("--loss", choices=list(LOSS_MODES),
-                   help="vmap: the one-example loss under jax.vmap (default); batched: the whole batch at once")
-    p.add_argument("--loss-reduction", choices=list(REDUCTIONS), help="mean (default) or sum over the batch")
-    p.add_argument("--input-scale", type=positive_float, help=f"inputs are pixels / 255 * this (default {d.input_scale:g})")
-    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
-                   help="per-channel standardisation with training-set statistics")
-    p.add_argument("--seed", type=int, help=f"initialisation and shuffling seed (default {d.seed})")
-    p.add_argument("--max-loss", type=positive_float,
-                   help=f"a step loss above this (or NaN/inf) stops training as diverged (default {d.max_loss:g})")
-    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps in all")
-    p.add_argument("--out", help="folder for metrics.jsonl, config.json and params.msgpack "
-                   "(default runs/<recipe or model-dataset>)")
-    c = p.add_argument_group("checkpoints (in --out/checkpoints; see README: Checkpoints and resuming)")
-    c.add_argument("--checkpoint-every", type=positive_int, metavar="N",
-                   help="save a checkpoint every N steps too (always: at the end of every epoch, and on "
-                   "Ctrl-C or SIGTERM)")
-    c.add_argument("--keep", type=positive_int, metavar="N", help=f"checkpoints kept, newest first (default {d.keep})")
-    c.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --out, exactly where it stopped")
-    q = p.add_argument_group("per-example clipping, DP-SGD and the gradient noise scale (README: Private training)")
-    q.add_argument("--dp-clip", type=float, metavar="C",
-                   help="clip every example's gradient to L2 norm C before averaging")
-    q.add_argument("--dp-noise", type=float, metavar="SIGMA",
-                   help="DP-SGD: add Gaussian noise of std SIGMA * C to the clipped sum; epsilon is reported")
-    q.add_argument("--dp-delta", type=float, metavar="DELTA", help=f"the delta of epsilon (default {d.dp_delta:g})")
-    q.add_argument("--dp-epsilon", type=float, metavar="EPS",
-                   help="a privacy budget: refuse to start a run whose epsilon would exceed it")
-    q.add_argument("--dp-chunk", type=positive_int, metavar="N",
-                   help="clip N examples at a time (less memory; default: the whole batch)")
-    q.add_argument("--log-noise-scale", action="store_true",
-                   help="log the gradient noise scale B_simple every epoch")
-    q.add_argument("--noise-scale-every", type=positive_int, metavar="K",
-                   help=f"measure it on every K-th step (default {d.noise_scale_every})")
-    p.add_argument("--devices", type=positive_int,
-                   help="data-parallel over the first N devices (default: every device; the batch size is global "
-                   "and must divide by N)")
-    p.add_argument("--dtype", choices=["float32", "float64"], help="parameters and inputs (default float32)")
+    add_flags(p, TrainConfig)  # every setting's flag, help and valid range, from its declaration
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("several hosts (jax.distributed)")
     g.add_argument("--coordinator", metavar="HOST:PORT",
@@ -91,83 +35,13 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def start_distributed(args) -> None:
-    """Join the other processes before JAX touches a device (one program on
-    every process; jax.devices() then lists every process's devices)."""
-    import jax
-
-    from jaxbatch.errors import JaxbatchError
-
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    if not args.distributed and all(v is None for v in explicit):
-        return
-    if args.distributed:
-        _join(jax.distributed.initialize, "the cluster's coordinator", args.join_timeout)
-        return
-    if any(v is None for v in explicit):
-        raise JaxbatchError("--coordinator, --num-processes and --process-id go together; pass all three "
-                            "(or --distributed on a cluster JAX detects itself)")
-    host, _, port = args.coordinator.rpartition(":")
-    if not host or not port.isdigit():
-        raise JaxbatchError(f"--coordinator {args.coordinator!r} is not HOST:PORT, e.g. 10.0.0.1:1234")
-    if not 0 <= args.process_id < args.num_processes:
-        raise JaxbatchError(f"--process-id {args.process_id} is outside 0 .. {args.num_processes - 1}")
-    if args.process_id != 0:
-        wait_for_coordinator(host, int(port), args.join_timeout)
-    _join(lambda **kw: jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id, **kw),
-          f"the coordinator at {args.coordinator} as process {args.process_id} of {args.num_processes}",
-          args.join_timeout)
-    if jax.process_count() != args.num_processes:
-        # The coordinator's count wins inside XLA; a process started with another
-        # one would otherwise train as if nothing were wrong.
-        raise JaxbatchError(f"this process was started with --num-processes {args.num_processes}, but the "
-                            f"coordinator at {args.coordinator} runs {jax.process_count()}; pass the same "
-                            "--num-processes to every process", cluster_broken=True)
-
-
-def wait_for_coordinator(host: str, port: int, timeout: int) -> None:
-    """Wait until process 0's coordinator accepts connections. XLA's client,
-    when it cannot register in time, ends the process from C++ (SIGABRT and a
-    stack trace), so an address nobody answers at is caught here first."""
-    import socket
-    import time
-
-    from jaxbatch.errors import JaxbatchError
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=2):
-                return
-        except OSError as err:
-            if time.monotonic() >= deadline:
-                raise JaxbatchError(f"no coordinator answered at {host}:{port} within {timeout} s ({err.strerror or err}); "
-                                    "start process 0 first, with the same --coordinator, or check the address")
-            time.sleep(0.5)
-
-
-def _join(initialize, what: str, timeout: int) -> None:
-    """jax.distributed.initialize, bounded in time; a failure is one line."""
-    from jaxbatch.errors import JaxbatchError
-
-    try:
-        initialize(initialization_timeout=timeout)
-    except Exception as err:  # XLA's runtime errors carry many lines; the first says what happened
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise JaxbatchError(f"could not join {what} within {timeout} s ({first[:200]}); check that process 0 "
-                            "is running at that address and that every process passes the same --num-processes")
-
-
 def build_config(args):
+    from jaxbatch.config import TrainConfig
     from jaxbatch.recipes import get_recipe
-    from jaxbatch.train import TrainConfig
+    from jaxbatch.settings import given
 
     fields = get_recipe(args.recipe) if args.recipe else {}
-    for field in dataclasses.fields(TrainConfig):
-        value = getattr(args, field.name, None)
-        if value is not None:
-            fields[field.name] = value
-    config = TrainConfig(**fields)
+    config = TrainConfig(**{**fields, **given(args, TrainConfig)})
     if config.out is None:
         config.out = f"runs/{args.recipe or f'{config.model}-{config.dataset}'}"
     return config
@@ -232,9 +106,10 @@ def run(args) -> int:
     import jax
     from tqdm import tqdm
 
+    from jaxbatch.devices import collective_failed, join_cluster
     from jaxbatch.train import Interrupted, train_and_evaluate
 
-    start_distributed(args)
+    join_cluster(args.coordinator, args.num_processes, args.process_id, args.join_timeout, args.distributed)
     config = build_config(args)
     bar = None
 
@@ -277,12 +152,7 @@ def run(args) -> int:
     except jax.errors.JaxRuntimeError as err:
         if jax.process_count() == 1:
             raise
-        from jaxbatch.errors import JaxbatchError
-
-        first = str(err).strip().splitlines()[0][:300]
-        raise JaxbatchError(f"a collective with the other processes failed ({first}); another process "
-                            "probably stopped: see its output, and check every process passes the same flags",
-                            cluster_broken=True)
+        raise collective_failed(err)
     except Interrupted as stop:
         if jax.process_index() == 0:
             print(f"jaxbatch train: {stop}; resume with: {resume_command(args.argv, config.out)}",

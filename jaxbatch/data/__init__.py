@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +50,23 @@ def check_batch_size(batch_size: int, dataset: Dataset, setting: str = "batch_si
                             f"of {dataset.name}; pass a smaller {{setting}}", setting=setting)
 
 
+DATA_DIR_VARIABLE = "JAXBATCH_DATA_DIR"
+
+
 def default_data_dir() -> Path:
-    """`$JAXBATCH_DATA`, else `~/.jaxbatch/data`."""
-    return Path(os.environ.get("JAXBATCH_DATA") or Path.home() / ".jaxbatch" / "data").expanduser()
+    """`$JAXBATCH_DATA_DIR`, else `~/.jaxbatch/data`. The old name,
+    `$JAXBATCH_DATA`, is still read, with a one-line notice."""
+    folder = os.environ.get(DATA_DIR_VARIABLE)
+    if not folder and os.environ.get("JAXBATCH_DATA"):
+        folder = os.environ["JAXBATCH_DATA"]
+        _deprecated_variable()
+    return Path(folder or Path.home() / ".jaxbatch" / "data").expanduser()
+
+
+@functools.cache  # once per process
+def _deprecated_variable() -> None:
+    print(f"jaxbatch: $JAXBATCH_DATA is deprecated; name the data folder with ${DATA_DIR_VARIABLE}",
+          file=sys.stderr)
 
 
 def data_dir_or_default(data_dir) -> Path:
@@ -82,6 +97,19 @@ def locate(name: str, split: str, data_dir=None, source: str = "auto"):
     if source == "auto" and tfds_source.prepared_dir(spec, data_dir):
         return "tfds", tfds_source.prepared_dir(spec, data_dir)
     return None
+
+
+def prepare_data(name: str, model, batch_size: int, data_dir=None, source: str = "auto", train=None, test=None,
+                 setting: str = "batch_size") -> tuple[Dataset, Dataset]:
+    """(train, test) ready for `model` (models.Model) at `batch_size`: each
+    split loaded unless given, the images checked against what the model
+    takes, the batch against the training split (`setting` names the batch
+    size in the error)."""
+    train = load(name, "train", data_dir, source) if train is None else train
+    test = load(name, "test", data_dir, source) if test is None else test
+    model.check_image_shape(train.image_shape)
+    check_batch_size(batch_size, train, setting)
+    return train, test
 
 
 def load(name: str, split: str, data_dir=None, source: str = "auto") -> Dataset:

@@ -35,6 +35,18 @@ MODELS: dict[str, Model] = {
 }
 
 
+def init_params(model: Model | str, key, example_shape):
+    """The model's initial parameters, from `key`, for inputs of
+    `example_shape` (one example, no batch axis). Run eagerly, not jitted:
+    under jit XLA fuses the initialisers' arithmetic differently, which
+    changes last bits of the weights, and the recipes' published figures come
+    from these exact weights."""
+    import jax.numpy as jnp
+
+    model = get_model(model) if isinstance(model, str) else model
+    return model.init(key, jnp.zeros(example_shape, jnp.float32))
+
+
 def get_model(name: str) -> Model:
     if name not in MODELS:
         raise JaxbatchError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")

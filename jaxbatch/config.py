@@ -1,0 +1,113 @@
+"""A training run's settings, each declared once (jaxbatch/settings.py): its
+default, its help text and its valid values. `jaxbatch train`'s flags and
+`validate` both come from these declarations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxbatch import data as data_lib
+from jaxbatch import optim, privacy
+from jaxbatch.errors import JaxbatchError
+from jaxbatch.models import MODELS
+from jaxbatch.settings import check, setting
+
+LOSS_MODES = ("vmap", "batched")
+REDUCTIONS = ("mean", "sum")
+DTYPES = ("float32", "float64")
+SEEDS = 2**32  # jax.random.key takes a seed of 32 bits: 0 .. 2^32 - 1
+
+CHECKPOINTS = "checkpoints (in --out/checkpoints; see README: Checkpoints and resuming)"
+PRIVACY = "per-example clipping, DP-SGD and the gradient noise scale (README: Private training)"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = setting("mlp", "the network", choices=MODELS)
+    dataset: str = setting("digits", "digits (bundled), mnist, fashion_mnist, kmnist, cifar10")
+    data_dir: str | None = setting(None, "folder holding <dataset>/ files (default $JAXBATCH_DATA_DIR or "
+                                   "~/.jaxbatch/data)", type=str)
+    source: str = setting("auto", "where to read the dataset from", choices=data_lib.SOURCES, kind="source")
+    epochs: int = setting(10, "passes over the training set", at_least=1)
+    batch_size: int = setting(32, "examples per step (over all devices)", at_least=1)
+    optimizer: str = setting("sgd", "the Optax optimiser", choices=optim.OPTIMIZERS, kind="optimizer")
+    lr: float = setting(0.05, "learning rate (the peak, with a schedule)", above=0, kind="learning rate")
+    momentum: float = setting(0.9, "sgd momentum", at_least=0)
+    nesterov: bool = setting(False, "Nesterov momentum (sgd)")
+    weight_decay: float = setting(0.0, "L2 added to the gradient (sgd, adam), or decoupled (adamw)", at_least=0)
+    schedule: str = setting("constant", "learning-rate schedule", choices=optim.SCHEDULES, kind="schedule")
+    warmup_steps: int = setting(0, "linear warm-up steps for warmup schedules", at_least=0)
+    loss: str = setting("vmap", "vmap: the one-example loss under jax.vmap; batched: the whole batch at once",
+                        choices=LOSS_MODES, kind="loss mode")
+    # "sum" is text E's from-scratch loss (pair it with lr / batch_size).
+    loss_reduction: str = setting("mean", "mean or sum over the batch", choices=REDUCTIONS, kind="loss reduction")
+    input_scale: float = setting(1.0, "inputs are pixels / 255 * this", above=0)
+    standardize: bool = setting(False, "per-channel standardisation with training-set statistics")
+    seed: int = setting(0, f"initialisation and shuffling seed, 0 .. {SEEDS - 1}", at_least=0, at_most=SEEDS - 1)
+    # A step loss above this counts as divergence, like NaN or inf. Chance-level
+    # cross-entropy is ln(10) = 2.3; a loss of 1e4 means logits 1e4 apart: the
+    # updates overshot. (Text C's x255 run shows it: the loss jumps to ~1e12,
+    # every ReLU dies, and the loss then sits at ln(10) without ever being NaN.)
+    max_loss: float = setting(1e4, "a step loss above this (or NaN/inf) stops training as diverged", above=0,
+                              finite=False)
+    max_steps: int | None = setting(None, "stop after this many steps in all", type=int, at_least=1)
+    out: str | None = setting(None, "folder for metrics.jsonl, config.json and params.msgpack "
+                              "(default runs/<recipe or model-dataset>)", type=str)
+    checkpoint_every: int | None = setting(
+        None, "save a checkpoint every N steps too (always: at the end of every epoch, and on Ctrl-C or SIGTERM)",
+        type=int, at_least=1, metavar="N", group=CHECKPOINTS)
+    keep: int = setting(3, "checkpoints kept, newest first", at_least=1, metavar="N", group=CHECKPOINTS)
+    resume: bool = setting(False, "continue from the newest checkpoint in --out, exactly where it stopped",
+                           group=CHECKPOINTS)
+    # Per-example clipping and DP-SGD (losses.clipped_grad_sum, privacy.py); their
+    # ranges and how they go together are privacy.check_settings'.
+    dp_clip: float | None = setting(None, "clip every example's gradient to L2 norm C before averaging",
+                                    type=float, metavar="C", group=PRIVACY)
+    dp_noise: float | None = setting(None, "DP-SGD: add Gaussian noise of std SIGMA * C to the clipped sum; "
+                                     "epsilon is reported", type=float, metavar="SIGMA", group=PRIVACY)
+    dp_delta: float = setting(1e-5, "the delta of epsilon", metavar="DELTA", group=PRIVACY)
+    dp_epsilon: float | None = setting(None, "a privacy budget: refuse to start a run whose epsilon would "
+                                       "exceed it", type=float, metavar="EPS", group=PRIVACY)
+    dp_chunk: int | None = setting(None, "clip N examples at a time (less memory; default: the whole batch)",
+                                   type=int, at_least=1, metavar="N", group=PRIVACY)
+    log_noise_scale: bool = setting(False, "log the gradient noise scale B_simple every epoch", group=PRIVACY)
+    # Dense-only models get every ||g_i|| from the step's own backward pass
+    # (ghost.grads_and_sq_norms), so measuring costs nothing; other models take
+    # an extra pass on the steps that count.
+    noise_scale_every: int = setting(4, "measure it on every K-th step", at_least=1, metavar="K", group=PRIVACY)
+    devices: int | None = setting(None, "data-parallel over the first N devices (default: every device; the "
+                                  "batch size is global and must divide by N)", type=int, at_least=1)
+    dtype: str = setting("float32", "parameters and inputs (float64 for checks that need more digits)",
+                         choices=DTYPES, kind="dtype")
+    # Library-only: what tests, experiments and benchmarks tune.
+    steps_per_chunk: int | None = setting(None, "steps per lax.scan call (default: train.chunk_plan)", type=int,
+                                          at_least=1, flag=False)
+    unroll: bool | None = setting(None, "unroll each chunk's scan (default: train.chunk_plan)", type=bool,
+                                  flag=False)
+    record_steps: int = setting(0, "keep loss and per-layer gradient norms of the first N steps "
+                                "(TrainResult.steps)", at_least=0, flag=False)
+    eval_batch_size: int = setting(1000, "examples per evaluation batch", at_least=1, flag=False)
+
+
+def validate(config: TrainConfig) -> None:
+    """Reject nonsensical settings before any data is loaded or compiled:
+    each setting against its declaration, then the rules that tie several
+    together."""
+    check(config)
+    if (config.resume or config.checkpoint_every) and not config.out:
+        raise JaxbatchError("checkpoints live in the output folder: pass {setting} DIR", setting="out")
+    privacy.check_settings(config.dp_clip, config.dp_noise, config.dp_delta, config.dp_epsilon)
+    if config.dp_clip is not None:
+        if config.loss == "batched":
+            raise JaxbatchError("clipping needs every example's own gradient, which the batched loss never "
+                                "forms; drop {setting} batched (the default, vmap, is per-example)", setting="loss")
+        if config.loss_reduction == "sum":
+            raise JaxbatchError("DP-SGD averages the clipped gradients over the batch; drop {setting} sum",
+                                setting="loss_reduction")
+        if config.log_noise_scale:
+            raise JaxbatchError("the noise scale reads unclipped per-example gradients, which a private run "
+                                "must not release; drop {setting} or the --dp- flags", setting="log_noise_scale")
+    optim.check_schedule(config.schedule, config.warmup_steps)
+    optim.check_nesterov(config.optimizer, config.nesterov, config.momentum)
+    data_lib.get_spec(config.dataset)

@@ -1,0 +1,90 @@
+"""How a training step gets its gradient, chosen once per run, before jit.
+
+Each is a small hashable callable, so the jitted step takes it as a static
+argument (a second run with the same choice compiles nothing):
+
+    grad_fn(params, x, labels, weights, step, numbers) -> (grads, loss, outputs, sums)
+
+`grads` is the gradient the optimiser sees, `loss` the batch's mean loss,
+`sums` the per-step numbers an epoch adds up (clipped examples, noise-scale
+terms; jaxbatch/runlog.py). They compose instead of being flagged:
+
+    BatchGrad(apply_fn, vmap_loss_and_outputs)      the gradient of the batch loss
+    ClippedGrad(apply_fn)                           each example's gradient clipped to C,
+                                                    then averaged (DP-SGD's clipping)
+    NoiseScale(BatchGrad(...), every=4)             the same gradient, plus the gradient
+                                                    noise scale's terms (noise_scale.py)
+
+DP-SGD's noise is not a gradient function: it is an Optax-style
+transformation before the optimiser (privacy.AddNoise), so the clipped
+gradient stays the same function with or without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxbatch.losses import clipped_grad_sum
+
+
+class BatchGrad(NamedTuple):
+    """jax.value_and_grad of a batch loss: `batch_loss(apply_fn, params, x,
+    labels, weights, reduction=...)` -> (L_B, outputs), e.g.
+    losses.vmap_loss_and_outputs or losses.batched_loss_and_outputs."""
+    apply_fn: Callable
+    batch_loss: Callable
+    reduction: str = "mean"
+
+    def __call__(self, params, x, labels, weights, step, numbers):
+        def objective(p):
+            return self.batch_loss(self.apply_fn, p, x, labels, weights, reduction=self.reduction)
+
+        (loss, outputs), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return grads, mean_loss(loss, weights, self.reduction), outputs, {}
+
+
+def mean_loss(loss, weights, reduction: str):
+    """The batch's mean loss, whichever reduction the step differentiates."""
+    return loss / jnp.sum(weights) if reduction == "sum" else loss
+
+
+class ClippedGrad(NamedTuple):
+    """DP-SGD's clipped mean, in the manner of jax_privacy's
+    `clipped_grad(loss_fn, l2_clip_norm)`:
+
+        g_bar = (1/B) sum_i w_i g_i min(1, C / ||g_i||)
+
+    over the batch's real examples (w_i = 1), C = numbers["dp"]["clip"]
+    (traced: a sweep over C compiles nothing new). Each example's influence
+    on g_bar is at most C / B: the sensitivity the noise is scaled to
+    (privacy.AddNoise). losses.clipped_grad_sum does the work (ghost norms
+    where the model allows; `chunk` examples at a time with chunk; each
+    device its own examples on a `mesh` of several). Adds the epoch sums
+    "clipped" (examples whose gradient was clipped) and "norm_sum" (their
+    norms before clipping)."""
+    apply_fn: Callable
+    chunk: int | None = None
+    mesh: Mesh | None = None
+
+    def __call__(self, params, x, labels, weights, step, numbers):
+        clip = numbers["dp"]["clip"]
+        total, per_example = clipped_grad_sum(self.apply_fn, params, x, labels, clip, weights, chunk=self.chunk,
+                                              mesh=self.mesh)
+        n = jnp.sum(weights)
+        norms = per_example["norms"]
+        sums = {"clipped": jnp.sum(weights * (norms > clip)), "norm_sum": jnp.sum(weights * norms)}
+        grads = jax.tree.map(lambda t: t / n, total)
+        return grads, jnp.sum(weights * per_example["losses"]) / n, per_example["outputs"], sums
+
+
+CLIP_SUMS = ("clipped", "norm_sum")
+
+
+def layer_norms(grads) -> dict[str, Any]:
+    """{"hidden/kernel": ||dL/dW||_2, ...} for every parameter array."""
+    return {jax.tree_util.keystr(path, simple=True, separator="/").removeprefix("params/"): jnp.linalg.norm(g.ravel())
+            for path, g in jax.tree_util.tree_leaves_with_path(grads)}

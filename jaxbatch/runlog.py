@@ -1,0 +1,173 @@
+"""What a run leaves behind and what it tells as it goes.
+
+    RunFiles   the output folder: config.json, metrics.jsonl (a line per
+               epoch, appended as it ends), params.msgpack, checkpoints/
+    Progress   each chunk of steps' summary, read on the host one chunk late
+               (the one place training waits for the device), summed into
+               the epoch's metrics; raises Diverged at the exact bad step
+    environment  what the run ran on, for config.json
+
+With several processes only process 0 writes or tells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import serialization
+from jax.sharding import Mesh
+
+from jaxbatch import checkpoint
+from jaxbatch.atomic import write_atomic
+from jaxbatch.devices import fetch
+from jaxbatch.errors import JaxbatchError
+from jaxbatch.precision import matmul_precision
+
+
+class Diverged(JaxbatchError):
+    """The training loss became NaN, infinite, or larger than config.max_loss."""
+
+    def __init__(self, epoch: int, step: int, loss: float, last_finite_loss: float | None, config):
+        self.epoch, self.step, self.loss, self.last_finite_loss = epoch, step, loss, last_finite_loss
+        self.steps: list = []  # with config.record_steps: the steps recorded up to here
+        last = "none" if last_finite_loss is None else f"{last_finite_loss:.4g}"
+        super().__init__(
+            f"training diverged at epoch {epoch}, step {step}: the loss reached {loss:.4g} "
+            f"(NaN, inf, or above --max-loss {config.max_loss:g}; last good loss {last}). "
+            f"With inputs x/255*{config.input_scale:g} and lr {config.lr:g} the updates overshoot: "
+            "lower --lr, scale inputs to [0, 1] (--input-scale 1) or --standardize them, "
+            "or add --schedule warmup"
+        )
+
+
+class RunFiles:
+    """metrics.jsonl (one line per epoch, appended as it ends), config.json,
+    params.msgpack and checkpoints/. With several processes only process 0
+    writes."""
+
+    def __init__(self, out: str | None, config, environment: dict):
+        self.out = Path(out) if out else None
+        self.dir = self.out if jax.process_index() == 0 else None
+        self.config = config
+        if self.out is not None and self.out.exists() and not self.out.is_dir():
+            raise JaxbatchError(f"output folder {self.out} is a file; pass --out a folder path")
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = self.dir / "metrics.jsonl"
+        checkpoint.remove_partial(self.dir)
+        if not config.resume:
+            # A new run starts a new log, and a previous run's parameters and
+            # checkpoints must not sit beside this run's config.json as if they
+            # were its own.
+            self.metrics.unlink(missing_ok=True)
+            (self.dir / "params.msgpack").unlink(missing_ok=True)
+            checkpoint.clear(self.dir)
+        record = {**dataclasses.asdict(config), "environment": environment}
+        self._write_atomic("config.json", json.dumps(record, indent=2).encode())
+
+    def _write_atomic(self, name: str, payload: bytes) -> None:
+        write_atomic(self.dir / name, lambda tmp: tmp.write_bytes(payload))
+
+    def history(self, epochs_done: int) -> list:
+        """On resume: the metrics of the epochs the checkpoint has done. Lines
+        of later epochs (written after the checkpoint, before the run was
+        killed) are dropped, so the resumed run writes each epoch once."""
+        if self.out is None or not (self.out / "metrics.jsonl").exists():
+            return []
+        lines = (self.out / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+        kept = [r for r in records if r["epoch"] <= epochs_done]
+        if self.dir is not None and len(kept) != len(records):
+            self._write_atomic("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
+        return kept
+
+    def epoch(self, record: dict) -> None:
+        if self.dir is not None:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(self, position: dict, epoch_sums: dict, state) -> Path | None:
+        host_state = fetch(state)  # every process waits here; process 0 writes
+        if self.dir is None:
+            return None
+        return checkpoint.save(self.dir, position, epoch_sums, self.config, host_state, self.config.keep)
+
+    def params(self, params) -> None:
+        if self.dir is not None:
+            self._write_atomic("params.msgpack", serialization.to_bytes(params))
+
+
+def environment(mesh: Mesh) -> dict:
+    """What the run ran on: JAX, the devices and processes, and the float32
+    matrix-product precision in force (TF32 on NVIDIA GPUs and bfloat16 passes
+    on TPUs by default; see jaxbatch/precision.py)."""
+    device = mesh.devices.flat[0]
+    return {"jax": jax.__version__, "devices": mesh.size, "device_kind": device.device_kind,
+            "processes": jax.process_count(), **matmul_precision()}
+
+
+class Progress:
+    """Reads each chunk's summary on the host one chunk late, so the device is
+    never idle while Python looks: `push` a chunk just launched and get the
+    previous one read. Raises Diverged at the exact step that went bad."""
+
+    def __init__(self, config, notify):
+        self.config, self.notify = config, notify
+        self.pending = None
+        self.last_finite = None
+        self.steps: list = []  # with config.record_steps
+
+    def start_epoch(self, epoch: int, steps: int, sums: dict | None = None):
+        """Start an epoch's sums at 0, or where a checkpoint left them."""
+        self.epoch, self.epoch_steps = epoch, steps
+        sums = sums or {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "last_finite": self.last_finite}
+        self.loss_sum, self.correct, self.seen = sums["loss_sum"], sums["correct"], sums["seen"]
+        self.last_finite = sums["last_finite"]
+        self.extra = dict(sums.get("extra", {}))  # the gradient function's own sums (gradients.py, noise_scale.py)
+        self.notify({"kind": "epoch_start", "epoch": epoch, "steps": steps})
+
+    def sums(self) -> dict:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
+                "last_finite": self.last_finite, "extra": dict(self.extra)}
+
+    def push(self, start: int, stop: int, summary, trace):
+        self.flush()
+        self.pending = (start, stop, summary, trace)
+
+    def flush(self):
+        """Wait for the chunk launched last and account for it."""
+        if self.pending is None:
+            return
+        start, stop, summary, trace = self.pending
+        self.pending = None
+        s = fetch(summary)  # the one place the host waits for the device
+        if trace is not None:
+            self._record(fetch(trace))
+        first = int(s["first_bad"])
+        if first >= 0:
+            last_good = float(s["before_bad"]) if first > 0 else self.last_finite
+            err = Diverged(self.epoch, start + first + 1, float(s["bad_loss"]), last_good, self.config)
+            err.steps = self.steps
+            raise err
+        self.last_finite = float(s["last_loss"])
+        self.loss_sum += float(s["loss_sum"])
+        self.correct += float(s["correct"])
+        self.seen += float(s["count"])
+        for k, v in s["extra"].items():
+            self.extra[k] = self.extra.get(k, 0.0) + float(v)
+        self.notify({"kind": "chunk", "epoch": self.epoch, "step": stop, "steps": self.epoch_steps,
+                     "loss": self.last_finite})
+
+    def _record(self, trace):
+        for i, loss in enumerate(trace["loss"]):
+            if len(self.steps) < self.config.record_steps:
+                finite = bool(np.isfinite(loss))
+                self.steps.append({
+                    "loss": float(loss) if finite else None,
+                    "zero_output_fraction": float(trace["zero_output_fraction"][i]) if finite else None,
+                    "grad_norm": {k: float(v[i]) if finite else None for k, v in trace["grad_norm"].items()}})
