@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from jaxbatch.bench import report
-from jaxbatch.bench.device import device_slug
-from jaxbatch.bench.measure import compile_step, is_out_of_memory
+from jaxbatch.bench.measure import compile_step, device_slug, is_out_of_memory
 from jaxbatch.bench.methods import METHODS, make_chunked_step, make_loop_step, make_step
 from jaxbatch.bench.run import IMAGE_SHAPES, SCHEMA, BenchConfig, run_benchmarks, run_epoch, validate
 from jaxbatch.cli import main

@@ -26,7 +26,7 @@ def two_devices(tmp_path_factory):
         from jaxbatch.bench.run import BenchConfig, random_batches
         from jaxbatch.models import get_model
         from jaxbatch.precision import highest_precision, relative_difference
-        from jaxbatch.train import data_mesh
+        from jaxbatch.devices import data_mesh
 
         config = BenchConfig(models=("mlp",), batch_sizes=(2,), methods=("batched", "per_example_chunked"),
                              devices=(2,), min_repeats=1, max_repeats=2, min_time_s=0.0, warmup=1, epochs=())

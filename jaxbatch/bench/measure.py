@@ -1,34 +1,28 @@
-"""How one figure is measured: step times, compile time, FLOPs, memory, peak.
+"""How a figure is measured, and on what: compile time, FLOPs, memory, the
+matmul peak, out-of-memory skips; the device and the software versions.
 
-Step time: `jaxbatch.machine.time_calls`, the one timing loop the experiments
-use too: after `warmup` calls, the step is called repeatedly, each call
-waited for (`jax.block_until_ready`, or torch's synchronize on a GPU), with
-the input batch rotated among a few different ones so no cache sees the same
-data twice in a row; the figure is the median (the minimum is kept too: on a
-shared machine it is the better estimate of the work itself). Repeats go on
-until both `min_repeats` and `min_time_s` are reached, or `max_repeats`.
-
+Step times come from `jaxbatch.machine.time_calls`, the one timing loop the
+experiments use too (median of repeated waited-for calls, inputs rotating).
 FLOPs come from XLA's cost analysis of the compiled step, so they count what
-XLA runs (matrix products and elementwise work alike), not a formula; memory
-from the compiled executable's memory analysis (arguments + outputs +
-temporaries - donated aliases). Fractions of peak are against a dense float32
-matrix product timed in the same run on the same device, median against
-median (`flops_per_s` is the best call, `flops_per_s_median` the median).
+XLA runs, not a formula; memory from its memory analysis. Fractions of peak
+are against a dense float32 matrix product timed in the same run, median
+against median. Nothing assumes a CPU: the device is `jax.devices()[0]`.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import os
+import re
+import sys
 import time
 from typing import Any, Callable, NamedTuple
 
-from jaxbatch.machine import time_calls
+import jax
+import jax.numpy as jnp
 
-
-def block(tree):
-    import jax
-
-    return jax.block_until_ready(tree)
+from jaxbatch.machine import cpu_flags, cpu_model, time_calls
 
 
 class Compiled(NamedTuple):
@@ -40,26 +34,18 @@ class Compiled(NamedTuple):
 
 def compile_step(fn: Callable, *example_args) -> Compiled:
     """jit, lower and compile `fn` for these argument shapes; time it and read
-    XLA's cost and memory analyses.
-
-    A function that is jitted already (or a functools.partial of one, as
-    `methods.make_step` returns) is lowered through its own jit, whose
-    compilations its calls share: the chunked and loop methods then compile
-    each piece once, not once here and again when called, and a chunk shape
-    shared by two batch sizes is compiled once (the second compile_s is the
-    cache lookup)."""
+    XLA's cost and memory analyses. A jitted function (or a functools.partial
+    of one, as `methods.make_step` returns) is lowered through its own jit,
+    whose compilations its calls share: a chunk shape shared by two batch
+    sizes compiles once (the second compile_s is the cache lookup)."""
     t0 = time.perf_counter()
-    executable = _lowered(fn, example_args).compile()
+    if isinstance(fn, functools.partial) and hasattr(fn.func, "lower"):
+        lowered = fn.func.lower(*fn.args, *example_args, **fn.keywords)
+    else:
+        lowered = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*example_args)
+    executable = lowered.compile()
     compile_s = time.perf_counter() - t0
     return Compiled(executable, compile_s, xla_flops(executable), xla_peak_memory(executable))
-
-
-def _lowered(fn: Callable, args):
-    import jax
-
-    if isinstance(fn, functools.partial) and hasattr(fn.func, "lower"):
-        return fn.func.lower(*fn.args, *args, **fn.keywords)
-    return (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args)
 
 
 def xla_flops(executable) -> float | None:
@@ -76,35 +62,37 @@ def xla_flops(executable) -> float | None:
 
 
 def xla_peak_memory(executable) -> int | None:
-    """Bytes live at once while the executable runs: arguments + outputs +
-    temporaries - aliased (donated) buffers."""
+    """Bytes live at once: arguments + outputs + temporaries - aliased (donated) buffers."""
     try:
         mem = executable.memory_analysis()
     except Exception:
-        mem = None
+        return None
     if mem is None:
         return None
     return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                - mem.alias_size_in_bytes)
 
 
-def matmul_size(platform: str) -> int:
-    """Big enough to reach a device's dense-matmul peak, small enough to be quick."""
-    return 2048 if platform == "cpu" else 8192
+def timing_settings(config) -> dict:
+    """time_calls' keywords from a BenchConfig."""
+    return dict(warmup=config.warmup, min_repeats=config.min_repeats, max_repeats=config.max_repeats,
+                min_time_s=config.min_time_s)
+
+
+def matmul_peak(matmul: Callable, pairs: list, sync: Callable, **timing) -> dict:
+    """FLOP/s of n x n x n float32 products (2 n^3 FLOPs): `flops_per_s` from
+    the fastest call, `flops_per_s_median` from the median."""
+    n = pairs[0][0].shape[0]
+    t = time_calls(matmul, pairs, sync, **timing)
+    return {"size": n, "median_s": t.median_s, "min_s": t.min_s,
+            "flops_per_s": 2 * n**3 / t.min_s, "flops_per_s_median": 2 * n**3 / t.median_s}
 
 
 def jax_matmul_peak(n: int, **timing) -> dict:
-    """FLOP/s of an n x n x n float32 matrix product in JAX (2 n^3 FLOPs),
-    at JAX's default precision, as the models' products run."""
-    import jax
-    import jax.numpy as jnp
-
+    """The matmul peak in JAX, at its default precision, as the models' products run."""
     keys = jax.random.split(jax.random.key(0), 6)
     pairs = [(jax.random.normal(keys[2 * i], (n, n)), jax.random.normal(keys[2 * i + 1], (n, n))) for i in range(3)]
-    matmul = jax.jit(jnp.matmul)
-    t = time_calls(matmul, pairs, block, **timing)
-    return {"size": n, "median_s": t.median_s, "min_s": t.min_s,
-            "flops_per_s": 2 * n**3 / t.min_s, "flops_per_s_median": 2 * n**3 / t.median_s}
+    return matmul_peak(jax.jit(jnp.matmul), pairs, jax.block_until_ready, **timing)
 
 
 def unless_out_of_memory(run: Callable[[], dict], skipped: Callable[[str], dict]) -> dict:
@@ -124,3 +112,51 @@ def is_out_of_memory(err: BaseException) -> bool:
     text = f"{type(err).__name__}: {err}".lower()
     return isinstance(err, MemoryError) or any(
         s in text for s in ("resource_exhausted", "out of memory", "outofmemory", "failed to allocate"))
+
+
+def describe_device() -> dict:
+    """Platform, name, count and memory of the JAX devices, plus the host CPU
+    (on a CPU backend it is the device; on a GPU it still feeds it)."""
+    device = jax.devices()[0]
+    return {"platform": device.platform, "name": cpu_model() if device.platform == "cpu" else device.device_kind,
+            "device_kind": device.device_kind, "device_count": jax.device_count(), "host_cpu": cpu_model(),
+            "host_cores": os.cpu_count(), "cpu_flags": cpu_flags(), "memory_bytes": device_memory_bytes(device)}
+
+
+def device_memory_bytes(device) -> int | None:
+    """The accelerator's allocator limit, or the host's RAM for a CPU device; None when unknown."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # not every backend implements memory_stats
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def software_versions(with_torch: bool = False) -> dict:
+    """Versions of what timed the run; PyTorch's only when it was timed too
+    (importing it takes seconds, and its version says nothing about a JAX-only run)."""
+    versions = {"python": sys.version.split()[0]}
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
+        versions[name] = importlib.import_module(name).__version__
+    versions.update(xla_flags=os.environ.get("XLA_FLAGS", ""), torch=None)
+    if with_torch:
+        import torch
+
+        versions.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    return versions
+
+
+def device_slug(device: dict) -> str:
+    """A file-name stem naming the device: 'cpu-amd-epyc-2core', 'gpu-nvidia-h100-80gb-hbm3'."""
+    name = re.sub(r"\(r\)|\(tm\)|cpu @.*|processor", " ", device["name"].lower())
+    stem = "-".join(re.findall(r"[a-z0-9]+", name)[:4]) or "unknown"  # vendor and model, not speed grades
+    if device["platform"] == "cpu":
+        return f"cpu-{stem}-{device['host_cores']}core"
+    return f"{device['platform']}-{stem}"

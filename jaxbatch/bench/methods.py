@@ -10,17 +10,16 @@ and differs only in how the work is laid out:
     batched              grad of batched_loss: the model applied to the (B, ...) batch
     vmap                 grad of vmap_loss: the one-example loss under jax.vmap, then the mean
     per_example          jax.vmap(jax.grad(example_loss)): B gradients, then their mean
+    clipped              DP-SGD's clipped mean (1/B) sum_i g_i min(1, C / ||g_i||)
+                         (losses.clipped_mean_grad: ghost norms and the clipped sum in one pass)
     per_example_chunked  the same B gradients, `chunk` examples at a time, summed as they
                          come, so only `chunk` of them are in memory at once
     loop                 a Python loop of jitted one-example gradients, summed: option (1)
                          of text A taken literally; small batches only
-    clipped              DP-SGD's clipped mean (1/B) sum_i g_i min(1, C / ||g_i||)
-                         (losses.clipped_mean_grad: ghost norms and the clipped sum in one pass)
 
-`make_step(method, apply_fn)` gives the jitted function of (params, xs, ys)
-of the first three, which are `losses.batched_grad`, `losses.vmap_grad` and
-`losses.mean_per_example_grads`; `make_chunked_step` and `make_loop_step`,
-what only a benchmark needs, give Python functions that call jitted pieces.
+`make_step(method, apply_fn)` gives the jitted (params, xs, ys) -> gradient of
+the first four (STEPS); `make_chunked_step` and `make_loop_step` give the
+other two, which only a benchmark needs.
 """
 
 from __future__ import annotations
@@ -30,13 +29,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxbatch import losses
+from jaxbatch import backends, losses
 from jaxbatch.errors import JaxbatchError
 
 METHODS = ("batched", "vmap", "per_example", "clipped", "per_example_chunked", "loop")
-# The benchmark's clip norm: so large that no example is clipped. The step does
-# all of clipping's work (every ||g_i||, every factor, the clipped sum),
-# and its gradient must then equal the batched one, which the run checks.
+# So large that no example is clipped: the step does all of clipping's work (every
+# ||g_i||, every factor, the clipped sum) and must still give the batched gradient.
 CLIP_NORM = 1e6
 
 
@@ -45,15 +43,21 @@ def clipped_grad(apply_fn, params, xs, ys):
     return losses.clipped_mean_grad(apply_fn, params, xs, ys, CLIP_NORM)[0]
 
 
-# The three methods XLA compiles whole: the batch gradient as jaxbatch.losses
-# computes it. Jitted here, with the model's apply static, so a step is compiled
-# once per model, shapes and precision, however many cases and checks call it.
+# The four methods XLA compiles whole, jitted here with the model's apply static,
+# so a step compiles once per model, shapes and precision, however many cases call it.
 STEPS = {
     "batched": jax.jit(losses.batched_grad, static_argnums=0),
     "vmap": jax.jit(losses.vmap_grad, static_argnums=0),
     "per_example": jax.jit(losses.mean_per_example_grads, static_argnums=0),
     "clipped": jax.jit(clipped_grad, static_argnums=0),
 }
+
+
+def make_step(method: str, apply_fn):
+    """The jitted (params, xs, ys) -> mean gradient of one of STEPS."""
+    if method not in STEPS:
+        raise JaxbatchError(f"no single jit-able step for method {method!r}; choose from: {', '.join(STEPS)}")
+    return functools.partial(STEPS[method], apply_fn)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -64,50 +68,59 @@ def _chunk_sum(apply_fn, params, xs, ys):
 
 # The one-example gradient of the loop, one per model (its shape does not depend on B).
 _example_grad = functools.cache(losses.example_grad_fn)
-
-# Tree arithmetic for the steps driven from Python.
 _add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 _scale = jax.jit(lambda a, s: jax.tree.map(lambda t: t * s, a))
 
 
-def make_step(method: str, apply_fn):
-    """The jitted (params, xs, ys) -> mean gradient of batched, vmap or per_example."""
-    if method not in STEPS:
-        raise JaxbatchError(f"no single jit-able step for method {method!r}; choose from: {', '.join(STEPS)}")
-    return functools.partial(STEPS[method], apply_fn)
+def chunks_from_python() -> bool:
+    """Whether per_example_chunked dispatches its chunks from Python. On XLA:CPU
+    (jax 0.10) the convolutions and products inside a loop body (lax.scan,
+    lax.map) miss the fast kernels: the cnn's chunked per-example gradients
+    ran 13-24x slower in a scan than unrolled (docs/bench.md). backends.py
+    holds that choice: a backend whose loop bodies are slow unrolls scans."""
+    return backends.choices().unrolled_conv_steps is not None
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _scanned_chunks(apply_fn, chunk, params, xs, ys):
+    """sum_i g_i / B with one lax.scan over the whole chunks, then the last partial one."""
+    b, whole = xs.shape[0], xs.shape[0] // chunk * chunk
+    chunks = (xs[:whole].reshape(-1, chunk, *xs.shape[1:]), ys[:whole].reshape(-1, chunk))
+
+    def add(total, batch):
+        return _add(total, _chunk_sum(apply_fn, params, *batch)), None
+
+    total, _ = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), chunks)
+    if whole < b:
+        total = _add(total, _chunk_sum(apply_fn, params, xs[whole:], ys[whole:]))
+    return _scale(total, 1.0 / b)
 
 
 def make_chunked_step(apply_fn, chunk: int):
     """Per-example gradients `chunk` examples at a time, summed as they come,
     so memory holds `chunk` gradients and one running sum, never B of them:
-    gradient accumulation over per-example gradients. Returns (step,
-    chunk_sum); chunk_sum(params, xs, ys) = sum_i g_i over one chunk (jitted).
-
-    The chunks are dispatched from Python, not looped inside XLA with
-    jax.lax.map(..., batch_size=chunk) / lax.scan: on XLA's CPU backend (jax
-    0.10) the convolutions and matrix products inside a while loop's body miss
-    the YNNPACK kernels: the cnn's chunked per-example gradients ran 13-24x
-    slower than the same code unrolled (docs/bench.md)."""
-    chunk_sum = functools.partial(_chunk_sum, apply_fn)
+    gradient accumulation over per-example gradients. Returns (step, chunk
+    sum of this model); the step is a Python loop over jitted chunks where
+    chunks_from_python(), else one jitted scan."""
+    one_chunk = functools.partial(_chunk_sum, apply_fn)
+    if not chunks_from_python():
+        return functools.partial(_scanned_chunks, apply_fn, chunk), one_chunk
 
     def step(params, xs, ys):
-        b = xs.shape[0]
-        total = chunk_sum(params, xs[:chunk], ys[:chunk])
-        for start in range(chunk, b, chunk):
-            total = _add(total, chunk_sum(params, xs[start:start + chunk], ys[start:start + chunk]))
-        return _scale(total, 1.0 / b)
+        total = one_chunk(params, xs[:chunk], ys[:chunk])
+        for start in range(chunk, xs.shape[0], chunk):
+            total = _add(total, one_chunk(params, xs[start:start + chunk], ys[start:start + chunk]))
+        return _scale(total, 1.0 / xs.shape[0])
 
-    return step, chunk_sum
+    return step, one_chunk
 
 
 def make_loop_step(apply_fn):
     """One jitted one-example gradient per example, summed in a Python loop,
-    then divided by B. Returns (step, one_grad): step(params, examples, ys)
-    takes the examples as a list, as a data loader would hand them over.
-
-    Unlike `losses.loop_grad`, which sums on the host in NumPy (a check wants
-    the order of the additions plain), the running sum stays on the device:
-    a benchmark on an accelerator would otherwise time B transfers to the host."""
+    then divided by B. Returns (step, one-example gradient); step(params,
+    examples, labels) takes lists, as a data loader would hand them over.
+    Unlike `losses.loop_grad` (which sums in NumPy, for a check), the sum
+    stays on the device: on an accelerator B transfers would be timed."""
     one_grad = _example_grad(apply_fn)
 
     def step(params, examples, labels):

@@ -1,8 +1,7 @@
 """Turning a benchmark record into files: JSON, a markdown report, PNG plots,
-and the targets the figures are held to.
-
-Every file is written to a temporary name in the same folder and renamed
-into place, so an interrupted run leaves no half-written result.
+and the targets the figures are held to (docs/bench.md). Every file is
+written to a temporary name and renamed into place, so an interrupted run
+leaves no half-written result.
 """
 
 from __future__ import annotations
@@ -11,10 +10,21 @@ import json
 from pathlib import Path
 
 from jaxbatch.atomic import write_atomic
+from jaxbatch.bench.methods import METHODS
+from jaxbatch.bench.run import SCHEMA
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.figures import new_figure
 
-# ---- lookups -----------------------------------------------------------------
+MODEL_ORDER = ("mlp", "mlp_scratch", "cnn", "lenet5", "fc_nobias")
+TARGET_BATCH = 256
+
+
+def _rank(order, name):
+    return order.index(name) if name in order else len(order)
+
+
+def models_of(rows) -> list[str]:
+    return sorted({r["model"] for r in rows}, key=lambda m: _rank(MODEL_ORDER, m))
 
 
 def ok_rows(record: dict, framework: str = "jax") -> list[dict]:
@@ -22,11 +32,8 @@ def ok_rows(record: dict, framework: str = "jax") -> list[dict]:
 
 
 def find(record: dict, model: str, batch_size: int, method: str, framework: str = "jax") -> dict | None:
-    for r in record["results"]:
-        if (r["framework"], r["model"], r["batch_size"], r["method"], r["status"]) == (
-                framework, model, batch_size, method, "ok"):
-            return r
-    return None
+    return next((r for r in ok_rows(record, framework)
+                 if (r["model"], r["batch_size"], r["method"]) == (model, batch_size, method)), None)
 
 
 def ratio(record, model, batch_size, method, base="batched", framework="jax", base_framework="jax", key="step_s"):
@@ -39,70 +46,50 @@ def ratio(record, model, batch_size, method, base="batched", framework="jax", ba
 
 # ---- targets -----------------------------------------------------------------
 
-TARGET_BATCH = 256
-
 
 def check_targets(record: dict) -> list[dict]:
-    """The targets of docs/bench.md, each with its measured figure and
-    whether it was met (None when the run did not measure it)."""
-    rows = []
-    platform = record["device"]["platform"]
-    models = sorted({r["model"] for r in ok_rows(record)}, key=_model_order)
+    """The targets of docs/bench.md, each with its measured figure (from the
+    median times; `measured_min` from the fastest calls) and whether it was
+    met (None when the run did not measure it)."""
+    rows, b, platform = [], TARGET_BATCH, record["device"]["platform"]
+    models = models_of(ok_rows(record))
     sizes = sorted({r["batch_size"] for r in ok_rows(record)})
 
-    def add(target, measured, limit, met, note="", measured_min=None):
+    def add(target, limit, at_most, measured, measured_min=None, note=""):
+        met = None if measured is None or limit is None else (measured <= limit if at_most else measured >= limit)
         rows.append({"target": target, "measured": measured, "measured_min": measured_min, "limit": limit,
                      "met": met, "note": note})
 
-    for m in models:
-        worst, at = None, None
-        for b in sizes:
-            if b < 32:
-                continue
-            r = ratio(record, m, b, "vmap")
-            if r is not None and (worst is None or r > worst):
-                worst, at = r, b
-        add(f"{m}: vmap-mean step / batched step, worst over B >= 32", worst, 1.05,
-            None if worst is None else worst <= 1.05, f"at B = {at}" if at else "",
-            ratio(record, m, at, "vmap", key="step_s_min") if at else None)
+    def ratios(*case):  # from the medians, from the fastest calls
+        return ratio(record, *case), ratio(record, *case, key="step_s_min")
 
-    b = TARGET_BATCH
+    for m in models:
+        vmap = [(r, s) for s in sizes if s >= 32 and (r := ratio(record, m, s, "vmap")) is not None]
+        worst, at = max(vmap, key=lambda pair: pair[0], default=(None, None))
+        add(f"{m}: vmap-mean step / batched step, worst over B >= 32", 1.05, True, worst,
+            ratio(record, m, at, "vmap", key="step_s_min") if at else None, f"at B = {at}" if at else "")
     per_example_limit = {"mlp": 1.3, "fc_nobias": 1.3, "mlp_scratch": 1.3, "cnn": 1.5, "lenet5": 1.5}
     for m in models:
-        limit = 1.2 if platform == "gpu" else per_example_limit.get(m)
-        r = ratio(record, m, b, "per_example")
-        add(f"{m}: per-example gradients / batched gradient, B = {b}", r, limit,
-            None if r is None or limit is None else r <= limit, "",
-            ratio(record, m, b, "per_example", key="step_s_min"))
-
-    if any(r["framework"] == "torch" for r in record["results"]):
+        add(f"{m}: per-example gradients / batched gradient, B = {b}",
+            1.2 if platform == "gpu" else per_example_limit.get(m), True, *ratios(m, b, "per_example"))
+    if any(r["framework"] == "torch" for r in record["results"]):  # speed-ups: torch time / jax time
         for m in models:
-            # speed-up over torch.func: torch time / jax time
-            r = ratio(record, m, b, "per_example", "per_example", "torch", "jax")
-            need = 10.0 if m in ("mlp", "fc_nobias", "mlp_scratch") else 1.0
-            add(f"{m}: per-example gradients, speed-up over torch.func, B = {b}", r, need,
-                None if r is None else r >= need, "torch.func time / jax time",
-                ratio(record, m, b, "per_example", "per_example", "torch", "jax", key="step_s_min"))
+            add(f"{m}: per-example gradients, speed-up over torch.func, B = {b}",
+                10.0 if m in ("mlp", "fc_nobias", "mlp_scratch") else 1.0, False,
+                *ratios(m, b, "per_example", "per_example", "torch", "jax"), note="torch.func time / jax time")
         for m in models:
-            r = ratio(record, m, b, "batched", "batched", "torch", "jax")
-            add(f"{m}: batched step, speed-up over PyTorch eager, B = {b}", r, 1.0,
-                None if r is None else r >= 1.0, "torch time / jax time",
-                ratio(record, m, b, "batched", "batched", "torch", "jax", key="step_s_min"))
-
-    mlp = find(record, "mlp", b, "batched")
-    frac = mlp.get("fraction_of_peak") if mlp else None
+            add(f"{m}: batched step, speed-up over PyTorch eager, B = {b}", 1.0, False,
+                *ratios(m, b, "batched", "batched", "torch", "jax"), note="torch time / jax time")
+    mlp = find(record, "mlp", b, "batched") or {}
     best = None
-    if mlp and mlp.get("flops") is not None and "matmul_peak" in record:
+    if mlp.get("flops") is not None and "matmul_peak" in record:
         best = mlp["flops"] / mlp["step_s_min"] / record["matmul_peak"]["jax"]["flops_per_s"]
-    add(f"mlp: batched step FLOP/s / measured matmul peak, B = {b}", frac, 0.75,
-        None if frac is None else frac >= 0.75, "", best)
-
+    add(f"mlp: batched step FLOP/s / measured matmul peak, B = {b}", 0.75, False, mlp.get("fraction_of_peak"), best)
     if platform == "gpu" and "h100" in record["device"]["name"].lower():
         limits = {"mlp-fashion": 0.030, "cnn-mnist": 0.3}
         for e in record.get("epochs", []):
             if e["recipe"] in limits and e["status"] == "ok":
-                add(f"H100: one {e['recipe']} epoch (s)", e["epoch_s"], limits[e["recipe"]],
-                    e["epoch_s"] <= limits[e["recipe"]])
+                add(f"H100: one {e['recipe']} epoch (s)", limits[e["recipe"]], True, e["epoch_s"])
     return rows
 
 
@@ -117,11 +104,6 @@ def format_targets(record: dict) -> list[str]:
     return lines
 
 
-def _model_order(name):
-    order = ["mlp", "mlp_scratch", "cnn", "lenet5", "fc_nobias"]
-    return order.index(name) if name in order else len(order)
-
-
 # ---- markdown ----------------------------------------------------------------
 
 
@@ -133,6 +115,7 @@ _FORMATS = {
     "pct": lambda v: f"{v:.0%}",
     "gflop": lambda v: f"{v / 1e9:.3g}",
     "mb": lambda v: f"{v / 2**20:.1f}",
+    "load": lambda v: "/".join(f"{x:.1f}" for x in v) if v else "-",
 }
 
 
@@ -141,50 +124,40 @@ def _fmt(value, kind):
 
 
 def to_markdown(record: dict) -> str:
-    dev, sw = record["device"], record["software"]
-    peak = record["matmul_peak"]
-    lines = [f"# jaxbatch bench: {dev['platform'].upper()} {dev['name']}", ""]
-    lines.append(f"- device: {dev['platform']} `{dev['name']}` x{dev['device_count']}; host CPU `{dev['host_cpu']}`, "
-                 f"{dev['host_cores']} cores ({', '.join(dev['cpu_flags']) or 'no AVX'})")
-    lines.append(f"- software: jax {sw['jax']}, jaxlib {sw['jaxlib']}, flax {sw['flax']}, optax {sw['optax']}"
-                 + (f", torch {sw['torch']} ({sw.get('torch_threads')} threads)" if sw.get("torch") else "")
-                 + (f"; XLA_FLAGS `{sw['xla_flags']}`" if sw.get("xla_flags") else ""))
-    lines.append(f"- run: {record['created_utc']}, {record['total_s']:.0f} s; load average at start "
-                 f"{_fmt_load(record.get('load_average_start'))}, at end {_fmt_load(record.get('load_average_end'))}")
+    dev, sw, peak = record["device"], record["software"], record["matmul_peak"]
+    lines = [f"# jaxbatch bench: {dev['platform'].upper()} {dev['name']}", "",
+             f"- device: {dev['platform']} `{dev['name']}` x{dev['device_count']}; host CPU `{dev['host_cpu']}`, "
+             f"{dev['host_cores']} cores ({', '.join(dev['cpu_flags']) or 'no AVX'})",
+             f"- software: jax {sw['jax']}, jaxlib {sw['jaxlib']}, flax {sw['flax']}, optax {sw['optax']}"
+             + (f", torch {sw['torch']} ({sw.get('torch_threads')} threads)" if sw.get("torch") else "")
+             + (f"; XLA_FLAGS `{sw['xla_flags']}`" if sw.get("xla_flags") else ""),
+             f"- run: {record['created_utc']}, {record['total_s']:.0f} s; load average at start "
+             f"{_fmt(record.get('load_average_start'), 'load')}, at end {_fmt(record.get('load_average_end'), 'load')}"]
     if record.get("precision"):  # records before it was kept lack it
         lines.append(f"- float32 matmul precision: steps timed at `{record['precision']['matmul_precision']}` "
                      f"({record['precision']['float32_matmul_means']}), checked against `batched` at "
                      f"`{record['check_precision']['matmul_precision']}`")
-    mp = (f"- dense float32 matmul ({peak['jax']['size']}^3), median (best): JAX "
-          f"{peak['jax']['flops_per_s_median'] / 1e9:.0f} ({peak['jax']['flops_per_s'] / 1e9:.0f}) GFLOP/s")
-    if "torch" in peak:
-        mp += (f", PyTorch {peak['torch']['flops_per_s_median'] / 1e9:.0f} "
-               f"({peak['torch']['flops_per_s'] / 1e9:.0f}) GFLOP/s")
-    lines += [mp, "", "Step = loss + gradient of the mean loss over the batch (no optimiser update). "
-              "Times are medians; `% peak` is XLA's FLOP count per step / median step time, over the JAX "
-              "matmul's median FLOP/s.", ""]
+    lines += [f"- dense float32 matmul ({peak['jax']['size']}^3), median (best): "
+              + ", ".join(f"{label} {peak[fw]['flops_per_s_median'] / 1e9:.0f} ({peak[fw]['flops_per_s'] / 1e9:.0f}) "
+                          "GFLOP/s" for fw, label in (("jax", "JAX"), ("torch", "PyTorch")) if fw in peak),
+              "", "Step = loss + gradient of the mean loss over the batch (no optimiser update). Times are medians; "
+              "`% peak` is XLA's FLOP count per step / median step time, over the JAX matmul's median FLOP/s.", ""]
 
     has_torch = any(r["framework"] == "torch" for r in record["results"])
-    models = sorted({r["model"] for r in record["results"]}, key=_model_order)
-    for m in models:
-        lines += [f"## {m}", ""]
-        head = "| B | method | compile s | step ms | examples/s | GFLOP/step | % peak | memory MB | vs batched |"
-        sep = "|---:|---|---:|---:|---:|---:|---:|---:|---:|"
-        if has_torch:
-            head += " torch ms | torch / jax |"
-            sep += "---:|---:|"
-        lines += [head, sep]
-        for r in sorted((r for r in record["results"] if r["model"] == m and r["framework"] == "jax"),
-                        key=lambda r: (r["batch_size"], _method_order(r["method"]))):
-            if r["status"] != "ok":
-                continue
+    for m in models_of(record["results"]):
+        lines += [f"## {m}", "",
+                  "| B | method | compile s | step ms | examples/s | GFLOP/step | % peak | memory MB | vs batched |"
+                  + (" torch ms | torch / jax |" if has_torch else ""),
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if has_torch else "")]
+        for r in sorted((r for r in ok_rows(record) if r["model"] == m),
+                        key=lambda r: (r["batch_size"], _rank(METHODS, r["method"]))):
             cells = [str(r["batch_size"]), r["method"], _fmt(r.get("compile_s"), "s"), _fmt(r["step_s"], "ms"),
                      _fmt(r["examples_per_s"], "int"), _fmt(r.get("flops"), "gflop"),
                      _fmt(r.get("fraction_of_peak"), "pct"), _fmt(r.get("peak_memory_bytes"), "mb"),
                      _fmt(ratio(record, m, r["batch_size"], r["method"]), "x")]
             if has_torch:
                 t = find(record, m, r["batch_size"], r["method"], "torch")
-                cells += [_fmt(t["step_s"], "ms") if t else "-", _fmt(t["step_s"] / r["step_s"], "x") if t else "-"]
+                cells += [_fmt(t["step_s"], "ms"), _fmt(t["step_s"] / r["step_s"], "x")] if t else ["-", "-"]
             lines.append("| " + " | ".join(cells) + " |")
         skipped = [r for r in record["results"] if r["model"] == m and r["status"] != "ok"
                    and not r.get("reason", "").startswith("the Python loop")]
@@ -195,17 +168,13 @@ def to_markdown(record: dict) -> str:
 
     if record.get("scaling"):
         lines += scaling_markdown(record["scaling"])
-
     if record.get("epochs"):
         lines += ["## Training epochs", "", "| recipe | model | dataset | batch | epoch s | examples/s | test acc |",
                   "|---|---|---|---:|---:|---:|---:|"]
         for e in record["epochs"]:
-            if e["status"] == "ok":
-                lines.append(f"| {e['recipe']} | {e['model']} | {e['dataset']} | {e['batch_size']} | "
-                             f"{e['epoch_s']:.2f} | {e['examples_per_s']:,.0f} | {e['test_accuracy']:.3f} |")
-            else:
-                lines.append(f"| {e['recipe']} | {e['model']} | {e['dataset']} | {e['batch_size']} | "
-                             f"skipped: {e['reason']} | | |")
+            head = f"| {e['recipe']} | {e['model']} | {e['dataset']} | {e['batch_size']} |"
+            lines.append(f"{head} {e['epoch_s']:.2f} | {e['examples_per_s']:,.0f} | {e['test_accuracy']:.3f} |"
+                         if e["status"] == "ok" else f"{head} skipped: {e['reason']} | | |")
         lines.append("")
 
     lines += ["## Targets", "", "Measured from median times (in brackets: from each case's fastest call, "
@@ -218,8 +187,7 @@ def to_markdown(record: dict) -> str:
             measured += f" ({t['measured_min']:.3g})"
         note = f" ({t['note']})" if t["note"] else ""
         lines.append(f"| {t['target']}{note} | {measured} | {t['limit']} | {met} |")
-    lines.append("")
-    return "\n".join(lines)
+    return "\n".join([*lines, ""])
 
 
 def scaling_markdown(scaling: dict) -> list[str]:
@@ -235,63 +203,47 @@ def scaling_markdown(scaling: dict) -> list[str]:
         lines += [scaling["note"], ""]
     lines += ["| model | method | B | mode | K | batch per device | global batch | step ms | examples/s | speed-up "
               "| efficiency | vs batched |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    order = {mode: i for i, mode in enumerate(("weak", "strong"))}
-    for r in sorted(scaling["rows"], key=lambda r: (_model_order(r["model"]), r["model"], _method_order(r["method"]),
-                                                     r["batch_size"], order.get(r["mode"], 2), r["devices"])):
-        head = f"| {r['model']} | {r['method']} | {r['batch_size']} | {r['mode']} | {r['devices']} | " \
-               f"{r['per_device_batch']} | {r['global_batch']} |"
-        if r["status"] != "ok":
-            lines.append(f"{head} skipped: {r['reason']} | | | | |")
-            continue
-        lines.append(f"{head} {_fmt(r['step_s'], 'ms')} | {_fmt(r['examples_per_s'], 'int')} | "
+    for r in sorted(scaling["rows"], key=lambda r: (_rank(MODEL_ORDER, r["model"]), r["model"],
+                                                     _rank(METHODS, r["method"]), r["batch_size"],
+                                                     _rank(("weak", "strong"), r["mode"]), r["devices"])):
+        head = (f"| {r['model']} | {r['method']} | {r['batch_size']} | {r['mode']} | {r['devices']} | "
+                f"{r['per_device_batch']} | {r['global_batch']} |")
+        lines.append(f"{head} skipped: {r['reason']} | | | | |" if r["status"] != "ok" else
+                     f"{head} {_fmt(r['step_s'], 'ms')} | {_fmt(r['examples_per_s'], 'int')} | "
                      f"{_fmt(r['speedup'], 'x')} | {_fmt(r['efficiency'], 'pct')} | "
                      f"{r['max_rel_diff_vs_batched']:.1e} |")
     return [*lines, ""]
 
 
-def _fmt_load(load):
-    return "-" if not load else "/".join(f"{x:.1f}" for x in load)
-
-
-def _method_order(name):
-    from jaxbatch.bench.methods import METHODS
-
-    return METHODS.index(name) if name in METHODS else len(METHODS)
-
-
-# ---- plots -------------------------------------------------------------------
+# ---- plots and files ---------------------------------------------------------
 
 
 def plot_throughput(record: dict, path: Path) -> None:
     """Examples per second against batch size, one panel per model, one line per method."""
-    models = sorted({r["model"] for r in record["results"]}, key=_model_order)
+    models = models_of(record["results"])
     fig, axes = new_figure(ncols=len(models), width=4.2, height=3.6)
     for ax, m in zip(axes[0], models):
         for framework, style in (("jax", "-o"), ("torch", "--s")):
-            for method in sorted({r["method"] for r in ok_rows(record, framework) if r["model"] == m},
-                                 key=_method_order):
-                pts = sorted((r["batch_size"], r["examples_per_s"]) for r in ok_rows(record, framework)
-                             if r["model"] == m and r["method"] == method)
-                if pts:
-                    label = method if framework == "jax" else f"torch {method}"
-                    ax.plot(*zip(*pts), style, label=label, markersize=3)
+            rows = [r for r in ok_rows(record, framework) if r["model"] == m]
+            for method in sorted({r["method"] for r in rows}, key=lambda name: _rank(METHODS, name)):
+                pts = sorted((r["batch_size"], r["examples_per_s"]) for r in rows if r["method"] == method)
+                ax.plot(*zip(*pts), style, label=method if framework == "jax" else f"torch {method}", markersize=3)
         ax.set(xscale="log", yscale="log", title=m, xlabel="batch size")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("examples / s")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"{record['device']['platform']} {record['device']['name']}: gradient step throughput")
-    _save_figure(fig, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def plot_overhead(record: dict, path: Path) -> None:
     """Per-example gradients (and vmap mean) step time / batched step time against batch size."""
     fig, axes = new_figure()
     ax = axes[0, 0]
-    models = sorted({r["model"] for r in record["results"]}, key=_model_order)
-    for m in models:
+    sizes = sorted({r["batch_size"] for r in ok_rows(record)})
+    for m in models_of(record["results"]):
         for method, style in (("per_example", "-o"), ("vmap", ":^")):
-            pts = [(b, ratio(record, m, b, method)) for b in sorted({r["batch_size"] for r in ok_rows(record)})]
-            pts = [(b, r) for b, r in pts if r is not None]
+            pts = [(b, r) for b in sizes if (r := ratio(record, m, b, method)) is not None]
             if pts:
                 ax.plot(*zip(*pts), style, label=f"{m} {method}", markersize=3)
     ax.axhline(1.0, color="gray", lw=0.8)
@@ -299,18 +251,7 @@ def plot_overhead(record: dict, path: Path) -> None:
            title="cost of per-example gradients over the batched gradient")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    _save_figure(fig, path)
-
-
-def _save_figure(fig, path: Path) -> None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-
-
-# ---- files -------------------------------------------------------------------
-
-
-def _write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_results(record: dict, out_dir, name: str, plots: bool = True) -> list[Path]:
@@ -322,8 +263,8 @@ def write_results(record: dict, out_dir, name: str, plots: bool = True) -> list[
     except OSError as err:
         raise JaxbatchError(f"cannot create the output folder {out}: {err.strerror}; pass another --out")
     paths = [out / f"{name}.json", out / f"{name}.md"]
-    _write_text(paths[0], json.dumps(record, indent=1) + "\n")
-    _write_text(paths[1], to_markdown(record))
+    write_atomic(paths[0], lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    write_atomic(paths[1], lambda tmp: tmp.write_text(to_markdown(record)))
     if plots:
         paths += [out / f"{name}-throughput.png", out / f"{name}-overhead.png"]
         plot_throughput(record, paths[2])
@@ -336,8 +277,6 @@ def load_record(path) -> dict:
         record = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise JaxbatchError(f"cannot read benchmark results {path}: {err}")
-    from jaxbatch.bench.run import SCHEMA
-
     if record.get("schema") != SCHEMA:
         raise JaxbatchError(f"{path} is not a jaxbatch bench result (schema {record.get('schema')!r})")
     return record

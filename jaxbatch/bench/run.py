@@ -5,15 +5,23 @@
 returns one JSON-able dict (schema in docs/bench.md): the device, software
 versions, the measured matmul peak, one row per case and one per epoch run,
 and with `devices` the weak and strong scaling over device counts
-(scaling.py).
-Cases run model by model and, within a batch size, method after method (JAX
-then PyTorch), so slow drifts of a shared machine hit neighbours alike.
+(scaling.py). Cases run model by model and, within a batch size, method
+after method (JAX then PyTorch), so slow drifts of a shared machine hit
+neighbours alike.
+
+The steps are timed at the backend's default float32 matmul precision, as
+training runs them; each method's gradient is checked against the batched
+one under `highest_precision()`, where the methods agree to float32 rounding
+on every backend (at the default, a GPU's TF32 or a TPU's bfloat16 products
+would make them differ by ~1e-3). jit caches per precision, so the check
+compiles each step once more.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 import time
 from typing import Callable
@@ -22,15 +30,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbatch.bench import device as device_lib
+from jaxbatch import data as data_lib
 from jaxbatch.bench import scaling
-from jaxbatch.bench.measure import (block, compile_step, is_out_of_memory, jax_matmul_peak, matmul_size,
-                                    unless_out_of_memory)
-from jaxbatch.bench.methods import METHODS, STEPS, make_chunked_step, make_loop_step, make_step
+from jaxbatch.bench import torch_twins as tt
+from jaxbatch.bench.measure import (compile_step, describe_device, is_out_of_memory, jax_matmul_peak,
+                                    software_versions, timing_settings, unless_out_of_memory)
+from jaxbatch.bench.methods import METHODS, STEPS, chunks_from_python, make_chunked_step, make_loop_step, make_step
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.machine import time_calls
 from jaxbatch.models import get_model
 from jaxbatch.precision import highest_precision, matmul_precision, relative_difference
+from jaxbatch.recipes import get_recipe
+from jaxbatch.train import TrainConfig, train_and_evaluate
 
 SCHEMA = "jaxbatch-bench/1"
 # The input each model is benchmarked at: the dataset its text trains it on.
@@ -62,15 +73,18 @@ class BenchConfig:
     # A case whose compiled step needs more than this share of the device's memory is skipped.
     memory_fraction: float = 0.5
     seed: int = 0
-    # Device counts K for weak and strong scaling (jaxbatch/bench/scaling.py); () for none.
+    # Device counts K for weak and strong scaling (scaling.py); () for none.
     devices: tuple = ()
 
 
 def quick_config(**overrides) -> BenchConfig:
     """A few minutes' run: two batch sizes, fewer repeats, no epochs."""
-    fields = dict(batch_sizes=(32, 256), min_repeats=3, max_repeats=20, min_time_s=0.3, epochs=())
-    fields.update(overrides)
-    return BenchConfig(**fields)
+    return BenchConfig(**{**dict(batch_sizes=(32, 256), min_repeats=3, max_repeats=20, min_time_s=0.3, epochs=()),
+                          **overrides})
+
+
+def _whole(n) -> bool:
+    return not isinstance(n, bool) and isinstance(n, (int, np.integer)) and n >= 1
 
 
 def validate(config: BenchConfig) -> None:
@@ -84,12 +98,12 @@ def validate(config: BenchConfig) -> None:
     if not config.batch_sizes:
         raise JaxbatchError("no batch size to benchmark; pass --batch-sizes, e.g. --batch-sizes 32,256")
     for b in config.batch_sizes:
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+        if not _whole(b):
             raise JaxbatchError(f"batch size must be a whole number of 1 or more, got {b!r}")
     for m in config.methods:
         if m not in METHODS:
             raise JaxbatchError(f"unknown method {m!r}; choose from: {', '.join(METHODS)}")
-    if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in config.torch_threads):
+    if not all(map(_whole, config.torch_threads)):
         raise JaxbatchError(f"torch threads must be whole numbers of 1 or more, got {config.torch_threads}")
     if config.chunk < 1 or config.loop_max_batch < 0:
         raise JaxbatchError("chunk must be 1 or more and loop-max-batch 0 or more")
@@ -100,14 +114,9 @@ def validate(config: BenchConfig) -> None:
             raise JaxbatchError(f"scaling across --devices needs one of the methods {', '.join(STEPS)} in --methods")
         scaling.check_devices(config.devices, config.batch_sizes, jax.device_count(), jax.devices()[0].platform)
     if config.torch:
-        from jaxbatch.bench.torch_twins import require_torch
-
-        require_torch()
-    if config.epochs:
-        from jaxbatch.recipes import get_recipe
-
-        for name in config.epochs:
-            get_recipe(name)
+        tt.require_torch()
+    for name in config.epochs:
+        get_recipe(name)
 
 
 def random_batches(seed, batch_size: int, image_shape, count: int = ROTATIONS):
@@ -115,260 +124,198 @@ def random_batches(seed, batch_size: int, image_shape, count: int = ROTATIONS):
     the device. Drawn by NumPy and sent over: jax.random would compile its
     sampler once per batch shape, most of a second each on a CPU."""
     rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(count):
-        xs = rng.random((batch_size, *image_shape), dtype=np.float32)
-        ys = rng.integers(0, 10, batch_size, dtype=np.int32)
-        batches.append(jax.block_until_ready(jax.device_put((xs, ys))))
-    return batches
+    return [jax.block_until_ready(jax.device_put((rng.random((batch_size, *image_shape), dtype=np.float32),
+                                                  rng.integers(0, 10, batch_size, dtype=np.int32))))
+            for _ in range(count)]
 
 
-def _row(framework, model, batch_size, method, **fields) -> dict:
-    row = {"framework": framework, "model": model, "image_shape": list(IMAGE_SHAPES[model]),
-           "batch_size": int(batch_size), "method": method, "status": "ok"}
-    row.update(fields)
-    return row
+def case_row(framework, model, batch_size, method, **fields) -> dict:
+    return {"framework": framework, "model": model, "image_shape": list(IMAGE_SHAPES[model]),
+            "batch_size": int(batch_size), "method": method, "status": "ok", **fields}
 
 
-def _skipped(framework, model, batch_size, method, reason) -> dict:
-    return _row(framework, model, batch_size, method, status="skipped", reason=reason)
+def skipped(framework, model, batch_size, method, reason) -> dict:
+    return case_row(framework, model, batch_size, method, status="skipped", reason=reason)
 
 
-def _with_speed(row: dict, timing, flops) -> dict:
-    row.update(step_s=timing.median_s, step_s_min=timing.min_s, repeats=timing.repeats,
-               examples_per_s=row["batch_size"] / timing.median_s)
+def with_speed(r: dict, timing, flops) -> dict:
+    r.update(step_s=timing.median_s, step_s_min=timing.min_s, repeats=timing.repeats,
+             examples_per_s=r["batch_size"] / timing.median_s)
     if flops is not None:
-        row.update(flops=flops, flops_per_s=flops / timing.median_s)
-    return row
+        r.update(flops=flops, flops_per_s=flops / timing.median_s)
+    return r
 
 
-class _Case:
-    """What the cases of one (model, batch size) share: params, inputs, the
-    batched gradient every method is checked against, the steps' FLOPs.
+def too_big(needed, memory_limit, config) -> str | None:
+    """Why a case needing `needed` bytes is skipped, or None when it fits."""
+    if needed is not None and memory_limit is not None and needed > memory_limit:
+        return (f"needs {needed / 2**30:.1f} GiB, more than {config.memory_fraction:.0%} "
+                f"of the device's {memory_limit / config.memory_fraction / 2**30:.1f} GiB")
+    return None
 
-    The steps are timed at the backend's default float32 matmul precision, as
-    training runs them; the check of each method against the batched gradient
-    runs under `highest_precision()`, where the methods agree to float32
-    rounding on every backend (at the default, a GPU's TF32 or a TPU's
-    bfloat16 products would make them differ by ~1e-3). jit caches per
-    precision, so the check compiles the step once more."""
 
-    def __init__(self, name, params, batches, config, memory_limit):
-        self.name, self.params, self.batches, self.config = name, params, batches, config
-        self.batch_size = int(batches[0][0].shape[0])
-        self.memory_limit = memory_limit
-        self.apply = get_model(name).apply
-        self.reference = None  # batched gradient on batches[0]
-        self.flops = {}  # method -> XLA's FLOPs of its compiled step
+def batched_reference(name, params, batch):
+    """The batched gradient of `batch` under the highest precision: what every method is held to."""
+    with highest_precision():
+        return make_step("batched", get_model(name).apply)(params, *batch)
 
-    def timing(self):
-        c = self.config
-        return dict(warmup=c.warmup, min_repeats=c.min_repeats, max_repeats=c.max_repeats, min_time_s=c.min_time_s)
 
-    def reference_grad(self):
-        if self.reference is None:
-            with highest_precision():
-                self.reference = make_step("batched", self.apply)(self.params, *self.batches[0])
-        return self.reference
+def time_jax(name, method, params, batches, config, memory_limit, reference: Callable) -> dict:
+    """The row of one JAX case of model `name`: compile, check the memory,
+    time, and hold the gradient on batches[0] to `reference()` under the
+    highest precision. A step XLA compiles whole is timed as its executable;
+    the chunked (on CPU) and loop steps as the Python functions they are."""
+    (xs, ys), b, apply_fn = batches[0], len(batches[0][1]), get_model(name).apply
+    inputs = [(params, *batch) for batch in batches]
+    fields = {}
+    if method == "loop":
+        if b > config.loop_max_batch:
+            return skipped("jax", name, b, method, f"the Python loop runs up to batch {config.loop_max_batch}")
+        step, one_grad = make_loop_step(apply_fn)
+        inputs = [(params, list(x), list(y)) for x, y in batches]
+        compiled, timed = [compile_step(one_grad, params, xs[0], ys[0])], step
+        # per_example's count: the arithmetic the loop does too
+        flops = compile_step(make_step("per_example", apply_fn), params, xs, ys).flops
+        source = "xla, per_example"
+    elif method == "per_example_chunked":
+        fields["chunk"] = chunk = min(config.chunk, b)
+        step, chunk_sum = make_chunked_step(apply_fn, chunk)
+        sizes = [chunk] * (b // chunk) + ([b % chunk] if b % chunk else [])
+        pieces = {c: compile_step(chunk_sum, params, xs[:c], ys[:c]) for c in dict.fromkeys(sizes)}
+        # Each chunk's count, times the chunks (XLA would count a scan's body once).
+        flops = None if any(p.flops is None for p in pieces.values()) else sum(pieces[c].flops for c in sizes)
+        source = "xla, per chunk x chunks"
+        if chunks_from_python():
+            compiled, timed = list(pieces.values()), step
+        else:
+            compiled = [compile_step(step, params, xs, ys)]
+            timed = compiled[0].executable
+    else:
+        step = make_step(method, apply_fn)
+        compiled = [compile_step(step, params, xs, ys)]
+        flops, source, timed = compiled[0].flops, "xla", compiled[0].executable
+    peak_memory = max(c.peak_memory_bytes or 0 for c in compiled) or None
+    reason = too_big(peak_memory, memory_limit, config)
+    if reason:
+        return skipped("jax", name, b, method, reason)
+    timing = time_calls(timed, inputs, jax.block_until_ready, **timing_settings(config))
+    with highest_precision():
+        check = relative_difference(step(*inputs[0]), reference())
+    row = case_row("jax", name, b, method, **fields, compile_s=sum(c.compile_s for c in compiled),
+                   flops_source=source, peak_memory_bytes=peak_memory, max_rel_diff_vs_batched=check)
+    return with_speed(row, timing, flops)
 
-    def max_rel_diff_vs_batched(self, step, batch) -> float:
-        """relative_difference(step's gradient, the batched gradient) on the
-        first batch (`batch` in the form `step` takes), both under highest precision."""
-        with highest_precision():
-            return relative_difference(step(self.params, *batch), self.reference_grad())
 
-    def step_flops(self, method: str):
-        """FLOPs of a jitted method's step, from its case if that ran already.
-        per_example's is the arithmetic the loop (and torch.func) also does."""
-        if method not in self.flops:
-            self.flops[method] = compile_step(make_step(method, self.apply), self.params, *self.batches[0]).flops
-        return self.flops[method]
-
-    def too_big(self, needed) -> str | None:
-        if needed is not None and self.memory_limit is not None and needed > self.memory_limit:
-            return (f"needs {needed / 2**30:.1f} GiB, more than {self.config.memory_fraction:.0%} "
-                    f"of the device's {self.memory_limit / self.config.memory_fraction / 2**30:.1f} GiB")
-        return None
-
-    def run_jax(self, method: str) -> dict:
-        b = self.batch_size
-        if method == "loop":
-            if b > self.config.loop_max_batch:
-                return _skipped("jax", self.name, b, method, f"the Python loop runs up to batch {self.config.loop_max_batch}")
-            return self._run_loop()
-        if method == "per_example_chunked":
-            return self._run_chunked()
-        step = make_step(method, self.apply)
-        compiled = compile_step(step, self.params, *self.batches[0])
-        self.flops[method] = compiled.flops
-        reason = self.too_big(compiled.peak_memory_bytes)
+def time_torch(name, method, params, batches, config, memory_limit, reference: Callable) -> dict:
+    """The row of one PyTorch twin case: timed at each of `torch_threads`
+    (the fastest kept), its gradient against `reference()`, and the FLOPs of
+    the same method in JAX."""
+    torch, dev, b = tt.require_torch(), tt.torch_device(jax.devices()[0].platform), len(batches[0][1])
+    if method == "per_example":  # torch.func keeps all B gradients: B * params floats, a few times over
+        reason = too_big(3 * 4 * b * sum(np.size(p) for p in jax.tree.leaves(params)), memory_limit, config)
         if reason:
-            return _skipped("jax", self.name, b, method, reason)
-        inputs = [(self.params, xs, ys) for xs, ys in self.batches]
-        timing = time_calls(compiled.executable, inputs, block, **self.timing())
-        row = _row("jax", self.name, b, method, compile_s=compiled.compile_s, flops_source="xla",
-                   peak_memory_bytes=compiled.peak_memory_bytes,
-                   max_rel_diff_vs_batched=self.max_rel_diff_vs_batched(step, self.batches[0]))
-        return _with_speed(row, timing, compiled.flops)
-
-    def _run_chunked(self) -> dict:
-        b, chunk = self.batch_size, min(self.config.chunk, self.batch_size)
-        step, chunk_sum = make_chunked_step(self.apply, chunk)
-        xs, ys = self.batches[0]
-        parts = [(b // chunk, compile_step(chunk_sum, self.params, xs[:chunk], ys[:chunk]))]
-        if b % chunk:
-            parts.append((1, compile_step(chunk_sum, self.params, xs[:b % chunk], ys[:b % chunk])))
-        peak_memory = max(c.peak_memory_bytes or 0 for _, c in parts) or None
-        reason = self.too_big(peak_memory)
-        if reason:
-            return _skipped("jax", self.name, b, "per_example_chunked", reason)
-        flops = None if any(c.flops is None for _, c in parts) else sum(n * c.flops for n, c in parts)
-        inputs = [(self.params, xs, ys) for xs, ys in self.batches]
-        timing = time_calls(step, inputs, block, **self.timing())
-        row = _row("jax", self.name, b, "per_example_chunked", chunk=chunk,
-                   compile_s=sum(c.compile_s for _, c in parts), flops_source="xla, per chunk x chunks",
-                   peak_memory_bytes=peak_memory,
-                   max_rel_diff_vs_batched=self.max_rel_diff_vs_batched(step, self.batches[0]))
-        return _with_speed(row, timing, flops)
-
-    def _run_loop(self) -> dict:
-        b = self.batch_size
-        step, one_grad = make_loop_step(self.apply)
-        one = compile_step(one_grad, self.params, self.batches[0][0][0], self.batches[0][1][0])
-        inputs = [(self.params, list(xs), list(ys)) for xs, ys in self.batches]
-        timing = time_calls(step, inputs, block, **self.timing())
-        row = _row("jax", self.name, b, "loop", compile_s=one.compile_s, flops_source="xla, per_example",
-                   peak_memory_bytes=one.peak_memory_bytes,
-                   max_rel_diff_vs_batched=self.max_rel_diff_vs_batched(step, inputs[0][1:]))
-        return _with_speed(row, timing, self.step_flops("per_example"))
-
-    def run_torch(self, method: str, jax_rows: dict) -> dict:
-        from jaxbatch.bench import torch_twins as tt
-
-        torch = tt.require_torch()
-        b = self.batch_size
-        dev = tt.torch_device(jax.devices()[0].platform)
-        n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(self.params))
-        if method == "per_example":  # torch.func keeps all B gradients: B * params floats, a few times over
-            reason = self.too_big(3 * 4 * b * n_params)
-            if reason:
-                return _skipped("torch", self.name, b, method, reason)
-        shape = IMAGE_SHAPES[self.name]
-        model = tt.torch_twin(self.name, self.params, shape, dev)
-        step = tt.make_torch_step(method, model)
-        inputs = [tt.to_torch_batch(xs, ys, dev) for xs, ys in self.batches]
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        default_threads = torch.get_num_threads()
-        by_threads = {}
-        try:
-            for n in self.config.torch_threads or (default_threads,):
-                torch.set_num_threads(n)
-                by_threads[n] = time_calls(step, inputs, tt.torch_sync(dev), **self.timing())
-        finally:
-            torch.set_num_threads(default_threads)
-        threads, timing = min(by_threads.items(), key=lambda item: item[1].median_s)
-        grads = tt.grads_to_jax_layout(self.name, model, step(*inputs[0]), shape)
-        reference = tt._flax_layers(self.name, self.reference_grad())
-        twin = jax_rows.get(method)
-        row = _row("torch", self.name, b, method, compile_s=None, flops_source="xla, same method in jax",
+            return skipped("torch", name, b, method, reason)
+    model = tt.torch_twin(name, params, IMAGE_SHAPES[name], dev)
+    step = tt.make_torch_step(method, model)
+    inputs = [tt.to_torch_batch(xs, ys, dev) for xs, ys in batches]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    default_threads, by_threads = torch.get_num_threads(), {}
+    try:
+        for n in config.torch_threads or (default_threads,):
+            torch.set_num_threads(n)
+            by_threads[n] = time_calls(step, inputs, tt.torch_sync(dev), **timing_settings(config))
+    finally:
+        torch.set_num_threads(default_threads)
+    threads, timing = min(by_threads.items(), key=lambda item: item[1].median_s)
+    grads = tt.grads_to_jax_layout(name, model, step(*inputs[0]), IMAGE_SHAPES[name])
+    row = case_row("torch", name, b, method, compile_s=None, flops_source="xla, same method in jax",
                    torch_threads=threads, step_s_by_threads={str(n): t.median_s for n, t in by_threads.items()},
                    peak_memory_bytes=int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
-                   max_rel_diff_vs_batched=relative_difference(grads, reference))
-        flops = twin.get("flops") if twin else None
-        if flops is None:
-            flops = self.step_flops(method)
-        return _with_speed(row, timing, flops)
-
-
-def _guarded(run: Callable[[], dict], framework, model, batch_size, method) -> dict:
-    """Run one case; running out of device memory skips it, anything else is a bug and propagates."""
-    return unless_out_of_memory(run, lambda reason: _skipped(framework, model, batch_size, method, reason))
+                   max_rel_diff_vs_batched=relative_difference(grads, tt.flax_layers(name, reference())))
+    # The JAX case compiled this step already: its FLOPs come from jit's cache.
+    return with_speed(row, timing, compile_step(make_step(method, get_model(name).apply), params, *batches[0]).flops)
 
 
 def run_epoch(recipe: str, data_dir: str | None, seed: int = 0) -> dict:
     """Time a training epoch of `recipe` (its model, dataset, optimiser and
     batch size): two epochs run, the first compiles, the second is the figure."""
-    from jaxbatch import data as data_lib
-    from jaxbatch.recipes import get_recipe
-    from jaxbatch.train import TrainConfig, train_and_evaluate
-
-    fields = dict(get_recipe(recipe), epochs=2, data_dir=data_dir, seed=seed)
-    config = TrainConfig(**fields)
-    row = {"recipe": recipe, "model": config.model, "dataset": config.dataset, "batch_size": config.batch_size,
-           "optimizer": config.optimizer, "loss": config.loss}
+    config = TrainConfig(**dict(get_recipe(recipe), epochs=2, data_dir=data_dir, seed=seed))
+    about = {"recipe": recipe, "model": config.model, "dataset": config.dataset, "batch_size": config.batch_size,
+             "optimizer": config.optimizer, "loss": config.loss}
     try:
-        train_ds = data_lib.load(config.dataset, "train", data_dir)
-        test_ds = data_lib.load(config.dataset, "test", data_dir)
+        train_ds, test_ds = (data_lib.load(config.dataset, split, data_dir) for split in ("train", "test"))
     except JaxbatchError as err:
-        return dict(row, status="skipped", reason=str(err))
+        return dict(about, status="skipped", reason=str(err))
     history = train_and_evaluate(config, train_ds=train_ds, test_ds=test_ds).history
     epoch_s = history[1]["epoch_time_s"]
-    return dict(row, status="ok", train_examples=len(train_ds), epoch_s=epoch_s,
+    return dict(about, status="ok", train_examples=len(train_ds), epoch_s=epoch_s,
                 first_epoch_s=history[0]["epoch_time_s"], examples_per_s=len(train_ds) / epoch_s,
                 test_accuracy=history[1]["test_accuracy"])
 
 
+def time_batch_size(name, params, b, config, memory_limit, notify) -> list[dict]:
+    """The cases of model `name` at batch size b, method after method: JAX's,
+    then the PyTorch twins of those asked for (batched always: the reference)."""
+    try:
+        batches = random_batches((config.seed, b), b, IMAGE_SHAPES[name])
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        return [skipped("jax", name, b, m, "out of memory for the input batch") for m in config.methods]
+    # The batched gradient of batches[0] at the highest precision, computed once, when first asked.
+    reference = functools.cache(functools.partial(batched_reference, name, params, batches[0]))
+    cases = [("jax", m, time_jax) for m in config.methods]
+    if config.torch:
+        cases += [("torch", m, time_torch) for m in tt.TORCH_METHODS if m in config.methods or m == "batched"]
+    rows = []
+    for framework, method, time_case in cases:
+        # Running out of device memory skips a case; anything else is a bug and propagates.
+        rows.append(unless_out_of_memory(
+            lambda: time_case(name, method, params, batches, config, memory_limit, reference),
+            lambda reason: skipped(framework, name, b, method, reason)))
+        notify({"kind": "case", **rows[-1]})
+    return rows
+
+
+def load_average():
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def run_benchmarks(config: BenchConfig, on_progress: Callable[[dict], None] | None = None) -> dict:
     """Measure every case of `config`; `on_progress(event)` gets {"kind":
-    "peak"|"case"|"epoch", ...} as results come in. Returns the record."""
+    "peak"|"case"|"scaling"|"epoch", ...} as results come in. Returns the record."""
     validate(config)
     notify = on_progress or (lambda event: None)
     started = time.perf_counter()
-    device = device_lib.describe_device()
+    device = describe_device()
     record = {
         "schema": SCHEMA,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
-        "software": device_lib.software_versions(with_torch=config.torch),
+        "software": software_versions(with_torch=config.torch),
         "settings": dataclasses.asdict(config),
         # The steps are timed at this precision; max_rel_diff_vs_batched is checked at check_precision.
         "precision": matmul_precision(),
         "check_precision": matmul_precision("highest"),
-        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_start": load_average(),
     }
-    timing = dict(warmup=config.warmup, min_repeats=config.min_repeats, max_repeats=config.max_repeats,
-                  min_time_s=config.min_time_s)
-    # The matmul peak is measured before the first model and after each one; the
-    # fastest median is the reference, so one disturbed measurement cannot
-    # inflate every fraction of peak.
-    n = matmul_size(device["platform"])
+    # The matmul peak is measured before the first model and after each one; the fastest
+    # median is the reference, so one disturbed measurement cannot inflate every fraction.
+    n = 2048 if device["platform"] == "cpu" else 8192  # reaches a device's matmul peak, yet quick
+    timing = timing_settings(config)
     peaks = [jax_matmul_peak(n, **timing)]
     notify({"kind": "peak", "jax": peaks[-1]})
     memory_limit = (device["memory_bytes"] * config.memory_fraction) if device["memory_bytes"] else None
-
     rows, scaling_rows = [], []
-    key = jax.random.key(config.seed)
     for name in config.models:
         shape = IMAGE_SHAPES[name]
         # Jitted: Flax's eager init compiles every op on its own. (These parameters are only
         # something to time; unlike training's, their last bits need not match eager init's.)
-        params = jax.jit(get_model(name).init)(jax.random.fold_in(key, 0), jnp.zeros(shape, jnp.float32))
+        params = jax.jit(get_model(name).init)(jax.random.fold_in(jax.random.key(config.seed), 0),
+                                               jnp.zeros(shape, jnp.float32))
         for b in config.batch_sizes:
-            try:
-                batches = random_batches((config.seed, b), b, shape)
-            except Exception as err:
-                if not is_out_of_memory(err):
-                    raise
-                for m in config.methods:
-                    rows.append(_skipped("jax", name, b, m, "out of memory for the input batch"))
-                continue
-            case = _Case(name, params, batches, config, memory_limit)
-            jax_rows = {}
-            for method in config.methods:
-                row = _guarded(lambda: case.run_jax(method), "jax", name, b, method)
-                jax_rows[method] = row
-                rows.append(row)
-                notify({"kind": "case", **row})
-            if config.torch:
-                from jaxbatch.bench.torch_twins import TORCH_METHODS
-
-                # The twins of the methods asked for (batched is always timed: the reference).
-                for method in [m for m in TORCH_METHODS if m in config.methods or m == "batched"]:
-                    row = _guarded(lambda: case.run_torch(method, jax_rows), "torch", name, b, method)
-                    rows.append(row)
-                    notify({"kind": "case", **row})
-            del case, batches
+            rows += time_batch_size(name, params, b, config, memory_limit, notify)
         if config.devices:
             # A global batch of g gets the same inputs as the case of batch size g above.
             scaling_rows += scaling.model_rows(name, get_model(name).apply, params, config,
@@ -380,21 +327,16 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[dict], None] | No
         record["scaling"] = scaling.section(config, scaling_rows, device["platform"])
     record["matmul_peak"] = {"jax": max(peaks, key=lambda p: p["flops_per_s_median"]), "jax_runs": peaks}
     if config.torch:
-        from jaxbatch.bench import torch_twins as tt
-
         record["matmul_peak"]["torch"] = tt.torch_matmul_peak(n, tt.torch_device(device["platform"]), **timing)
         notify({"kind": "peak", "torch": record["matmul_peak"]["torch"]})
     # Like-for-like: a step's median FLOP/s against the matmul's median FLOP/s.
-    peak_flops = record["matmul_peak"]["jax"]["flops_per_s_median"]
-    for row in rows:
-        if row.get("flops_per_s") is not None:
-            row["fraction_of_peak"] = row["flops_per_s"] / peak_flops
-
+    for r in rows:
+        if r.get("flops_per_s") is not None:
+            r["fraction_of_peak"] = r["flops_per_s"] / record["matmul_peak"]["jax"]["flops_per_s_median"]
     record["epochs"] = []
     for recipe in config.epochs:
-        row = run_epoch(recipe, config.data_dir, config.seed)
-        record["epochs"].append(row)
-        notify({"kind": "epoch", **row})
-    record["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        record["epochs"].append(run_epoch(recipe, config.data_dir, config.seed))
+        notify({"kind": "epoch", **record["epochs"][-1]})
+    record["load_average_end"] = load_average()
     record["total_s"] = time.perf_counter() - started
     return record

@@ -1,35 +1,22 @@
 """Weak and strong scaling: the same gradient step on K devices.
 
-For each batch size B of the benchmark, model and jit-able method:
+    weak    each device takes the batch size B: K devices, a global batch of K*B
+    strong  the global batch B is split: each of K devices takes B/K
 
-    weak    the per-device batch is fixed at B: K devices take a global batch of K*B
-    strong  the global batch is fixed at B and split: each of K devices takes B/K
+Each device runs the one-device step of `methods.make_step`, unchanged, on its
+own examples, and `lax.pmean` averages the K mean gradients: text D's data
+parallelism, through `devices.per_device` (a shard_map over the "data" mesh
+of the first K devices). Not jit with the inputs' shardings, as training
+does: XLA's SPMD partitioner (jax 0.10.2, CPU) gets a convolution's
+per-example kernel gradients wrong when the batch is split (docs/bench.md).
 
-On K devices, each device runs the one-device step of
-`jaxbatch.bench.methods`, unchanged, on its own B/K examples (weak: B), and
-`lax.pmean` averages the K mean gradients: text D's data parallelism, built
-as `losses.data_parallel_grad` builds it, a `shard_map` over a one-axis
-"data" mesh of the first K devices (`train.data_mesh`), the parameters
-replicated and the batch split along "data". So the per-device program is
-the one-device step at the per-device batch, plus one all-reduce.
-
-Not jit with the inputs' shardings, as training does: there XLA partitions
-the whole step itself, and its SPMD partitioner (jax 0.10.2, CPU) gets the
-per-example kernel gradients of a convolution wrong when the batch is split
-(the cnn's per_example gradient on 2 devices was 0.8 relative away from the
-batched one; the mlp's, and every batched gradient, were right). shard_map
-leaves nothing to partition.
-
-Throughput is examples of the global batch per second, and for both kinds
+With throughput = examples of the global batch per second, and throughput_1
+the same step on one device at batch B (the K = 1 row of both kinds):
 
     speedup_K    = throughput_K / throughput_1
     efficiency_K = throughput_K / (K * throughput_1) = speedup_K / K
 
-where throughput_1 is the same step on one device with batch B (one
-measurement, the K = 1 row of both kinds). Weak: throughput_K = K*B / t_K, so
-efficiency = t_1 / t_K, 1 when K devices do K times the work in the same
-time. Strong: throughput_K = B / t_K, so efficiency = t_1 / (K t_K), 1 when K
-devices finish the same batch K times faster.
+Weak: efficiency = t_1 / t_K; strong: efficiency = t_1 / (K t_K).
 """
 
 from __future__ import annotations
@@ -38,13 +25,12 @@ import math
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from jaxbatch.bench.measure import block, compile_step, unless_out_of_memory
-from jaxbatch.losses import shard_map
+from jaxbatch.bench.measure import compile_step, timing_settings, unless_out_of_memory
 from jaxbatch.bench.methods import STEPS, make_step
+from jaxbatch.devices import BY_EXAMPLE, SHARED, data_mesh, per_device, place, replicated
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.machine import time_calls
 from jaxbatch.precision import highest_precision, relative_difference
@@ -60,8 +46,7 @@ CPU_NOTE = ("On CPU, the host devices (JAX_NUM_CPU_DEVICES) share the same cores
 
 
 def scaling_methods(methods) -> list[str]:
-    """The methods that scale: those XLA compiles whole (the chunked and loop
-    methods are driven from Python, one device at a time)."""
+    """The methods that scale: those of STEPS, one jitted step each (not the chunked and loop methods)."""
     return [m for m in methods if m in STEPS]
 
 
@@ -91,43 +76,23 @@ def check_devices(devices, batch_sizes, available: int, platform: str) -> None:
 
 
 def data_parallel(step, mesh):
-    """`step(params, xs, ys) -> mean gradient` made data-parallel over the
-    "data" axis of `mesh`: each device runs it on its own share of the batch,
-    then the K means are averaged (`lax.pmean`, an all-reduce). With equal
-    shares that is the mean gradient of the whole batch."""
-    spec = PartitionSpec
-    k = mesh.size
-
-    def per_device(copies, xs, ys):
-        return jax.lax.pmean(step(jax.tree.map(lambda a: a[0], copies), xs, ys), "data")
-
-    sharded = shard_map(per_device, mesh=mesh, in_specs=(spec("data"),) * 3, out_specs=spec())
-    # One copy of the parameters per device, as losses.data_parallel_grad passes them: replicated
-    # ones would make autodiff inside shard_map sum the K gradients before pmean could average them.
-    return lambda params, xs, ys: sharded(jax.tree.map(lambda a: jnp.broadcast_to(a, (k, *a.shape)), params), xs, ys)
-
-
-def on_mesh(mesh, params, batches):
-    """The step's inputs laid out for data parallelism, as training lays them
-    out: the parameters replicated on every device, each batch split along "data"."""
-    from jaxbatch.train import replicated
-
-    params = jax.device_put(params, replicated(mesh))
-    split = NamedSharding(mesh, PartitionSpec("data"))
-    return [(params, *jax.device_put(batch, split)) for batch in batches]
+    """`step(params, xs, ys) -> mean gradient` on each device of `mesh` with
+    its own share of the batch, the K means then averaged (`lax.pmean`, an
+    all-reduce): with equal shares, the mean gradient of the whole batch."""
+    return per_device(lambda params, xs, ys: jax.lax.pmean(step(params, xs, ys), "data"), mesh, SHARED)
 
 
 def measure(method: str, apply_fn, params, batches, k: int, reference, timing: dict) -> dict:
     """Compile and time `method`'s step data-parallel over the first k
     devices; its gradient on the first batch against `reference` (the
     one-device batched gradient), both under the highest precision."""
-    from jaxbatch.train import data_mesh  # lazily, as run_epoch: training's imports are not the benchmark's
-
     mesh = data_mesh(k)
-    inputs = on_mesh(mesh, params, batches)
+    # As training lays them out: the parameters on every device, each batch split along "data".
+    params = place(params, replicated(mesh))
+    inputs = [(params, *place(batch, NamedSharding(mesh, BY_EXAMPLE))) for batch in batches]
     step = jax.jit(data_parallel(make_step(method, apply_fn), mesh))
     compiled = compile_step(step, *inputs[0])
-    t = time_calls(compiled.executable, inputs, block, **timing)
+    t = time_calls(compiled.executable, inputs, jax.block_until_ready, **timing)
     with highest_precision():
         check = relative_difference(step(*inputs[0]), reference)
     return {"status": "ok", "compile_s": compiled.compile_s, "step_s": t.median_s, "step_s_min": t.min_s,
@@ -135,46 +100,30 @@ def measure(method: str, apply_fn, params, batches, k: int, reference, timing: d
 
 
 def model_rows(name: str, apply_fn, params, config, batches_for: Callable, notify: Callable) -> list[dict]:
-    """Every scaling row of one model. `batches_for(global_batch)` gives the
-    rotating input batches of that size. Cases run batch size by batch size
-    and method by method, K = 1 (measured once, both kinds' reference) then
-    weak and strong side by side, so slow drifts of a shared machine hit
-    neighbours alike."""
-    timing = dict(warmup=config.warmup, min_repeats=config.min_repeats, max_repeats=config.max_repeats,
-                  min_time_s=config.min_time_s)
-    ks = device_counts(config.devices)
-    rows = []
-
-    def emit(method, mode, b, k, global_batch, measured):
-        rows.append(_row(name, method, mode, b, k, global_batch, measured))
-        notify({"kind": "scaling", **rows[-1]})
-
+    """Every scaling row of one model; `batches_for(global_batch)` gives the
+    rotating input batches of that size. Batch size by batch size and method
+    by method, K = 1 (both kinds' reference) then weak and strong side by
+    side, so slow drifts of a shared machine hit neighbours alike."""
+    timing, ks, rows = timing_settings(config), device_counts(config.devices), []
     for b in config.batch_sizes:
         batches = {g: batches_for(g) for g in sorted({b, *(k * b for k in ks)})}
         with highest_precision():
             references = {g: make_step("batched", apply_fn)(params, *batches[g][0]) for g in batches}
         for method in scaling_methods(config.methods):
-            one = _guarded(lambda: measure(method, apply_fn, params, batches[b], 1, references[b], timing))
-            for mode in MODES:  # K = 1 is the same case for both kinds
-                emit(method, mode, b, 1, b, one)
-            for k in ks[1:]:
-                for mode, g in (("weak", k * b), ("strong", b)):
-                    emit(method, mode, b, k, g,
-                         _guarded(lambda: measure(method, apply_fn, params, batches[g], k, references[g], timing)))
+            cases = [(mode, 1, b) for mode in MODES]
+            cases += [(mode, k, g) for k in ks[1:] for mode, g in (("weak", k * b), ("strong", b))]
+            measured = {}
+            for mode, k, g in cases:
+                if (k, g) not in measured:  # K = 1: one measurement, the same case for both kinds
+                    measured[k, g] = unless_out_of_memory(
+                        lambda: measure(method, apply_fn, params, batches[g], k, references[g], timing),
+                        lambda reason: {"status": "skipped", "reason": reason})
+                rows.append({"model": name, "method": method, "mode": mode, "batch_size": b, "devices": k,
+                             "per_device_batch": g // k, "global_batch": g, **measured[k, g]})
+                if rows[-1]["status"] == "ok":
+                    rows[-1]["examples_per_s"] = g / rows[-1]["step_s"]
+                notify({"kind": "scaling", **rows[-1]})
     return rows
-
-
-def _guarded(run: Callable[[], dict]) -> dict:
-    """Running out of device memory skips a case; anything else is a bug and propagates."""
-    return unless_out_of_memory(run, lambda reason: {"status": "skipped", "reason": reason})
-
-
-def _row(model, method, mode, batch_size, k, global_batch, measured) -> dict:
-    row = {"model": model, "method": method, "mode": mode, "batch_size": batch_size, "devices": k,
-           "per_device_batch": global_batch // k, "global_batch": global_batch, **measured}
-    if row["status"] == "ok":
-        row["examples_per_s"] = global_batch / row["step_s"]
-    return row
 
 
 def with_efficiency(rows: list[dict]) -> list[dict]:

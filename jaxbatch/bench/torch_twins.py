@@ -1,27 +1,26 @@
-"""The same models in PyTorch eager, for a side-by-side timing.
+"""The same models in PyTorch eager, for a side-by-side timing (optional:
+`pip install jaxbatch[torch]`; torch is imported only when called).
 
-Each twin is the plain PyTorch network of the text it comes from (NCHW
-input, `x.flatten(1)`), with its weights copied from the JAX params so both
-compute the same function: conv kernels (kh, kw, Cin, Cout) -> (Cout, Cin,
-kh, kw), dense kernels (in, out) -> (out, in), and the first dense layer
-after a flatten has its rows reordered from JAX's (h, w, c) flattening to
-PyTorch's (c, h, w).
+Each twin is the plain PyTorch network of its text (NCHW input, flattened as
+PyTorch does) holding the JAX params' numbers: conv kernels (kh, kw, Cin,
+Cout) -> (Cout, Cin, kh, kw), dense kernels (in, out) -> (out, in), and the
+first dense layer after a flatten gets its rows reordered from JAX's
+(h, w, c) flattening to PyTorch's (c, h, w). Three methods, as in methods.py:
 
-Two methods, as in jaxbatch.bench.methods:
     batched      cross-entropy of the batch, torch.autograd.grad (eager backward)
     per_example  torch.func.vmap(torch.func.grad(one-example loss)), then the mean
-    clipped      the same per-example gradients, their norms, each scaled by
-                 min(1, CLIP_NORM / ||g_i||), then the mean: DP-SGD's clipping as
-                 torch.func users (and Opacus) compute it
-
-PyTorch is optional (`pip install jaxbatch[torch]`); this module imports it
-only when called.
+    clipped      those per-example gradients scaled by min(1, CLIP_NORM / ||g_i||),
+                 then the mean: DP-SGD's clipping as torch.func users (and Opacus) do it
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
+from jaxbatch.bench.measure import matmul_peak
+from jaxbatch.bench.methods import CLIP_NORM
 from jaxbatch.errors import JaxbatchError
 
 TORCH_METHODS = ("batched", "per_example", "clipped")
@@ -38,73 +37,63 @@ def require_torch():
 def torch_device(platform: str):
     """Run the twins where JAX runs: CUDA when JAX is on a GPU, else the CPU."""
     torch = require_torch()
-    if platform == "gpu" and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return torch.device("cuda" if platform == "gpu" and torch.cuda.is_available() else "cpu")
 
 
-def _build(name: str, in_channels: int, image_size: int):
-    torch = require_torch()
-    nn, F = torch.nn, torch.nn.functional
-
-    class MLP(nn.Module):  # text E: flatten -> 256 -> ReLU -> 10
-        def __init__(self):
-            super().__init__()
-            self.hidden = nn.Linear(image_size * image_size * in_channels, 256)
-            self.out = nn.Linear(256, 10)
-
-        def forward(self, x):
-            return self.out(F.relu(self.hidden(x.flatten(1))))
-
-    class CNN(nn.Module):  # text A
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(in_channels, 16, 5, padding=2)
-            self.conv2 = nn.Conv2d(16, 32, 5, padding=2)
-            self.out = nn.Linear(32 * (image_size // 4) ** 2, 10)
-
-        def forward(self, x):
-            x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-            x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-            return self.out(x.flatten(1))
-
-    class LeNet5(nn.Module):  # text B; 28x28 inputs zero-padded to 32x32
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(in_channels, 6, 5)
-            self.conv2 = nn.Conv2d(6, 16, 5)
-            self.fc1 = nn.Linear(16 * 5 * 5, 120)
-            self.fc2 = nn.Linear(120, 84)
-            self.out = nn.Linear(84, 10)
-
-        def forward(self, x):
-            if x.shape[-1] == 28:
-                x = F.pad(x, (2, 2, 2, 2))
-            x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-            x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-            x = F.relu(self.fc1(x.flatten(1)))
-            return self.out(F.relu(self.fc2(x)))
-
-    class FCNoBias(nn.Module):  # text C
-        def __init__(self):
-            super().__init__()
-            self.hidden = nn.Linear(image_size * image_size * in_channels, 300, bias=False)
-            self.out = nn.Linear(300, 10, bias=False)
-
-        def forward(self, x):
-            return self.out(F.relu(self.hidden(x.flatten(1))))
-
-    classes = {"mlp": MLP, "mlp_scratch": MLP, "cnn": CNN, "lenet5": LeNet5, "fc_nobias": FCNoBias}
-    if name not in classes:
-        raise JaxbatchError(f"no PyTorch twin for model {name!r}; twins exist for: {', '.join(classes)}")
-    return classes[name]()
+def _build(name: str, c: int, size: int):
+    """The twin's layers, those with weights named as in the JAX model."""
+    nn = require_torch().nn
+    relu, pool, flatten = nn.ReLU, lambda: nn.MaxPool2d(2), nn.Flatten
+    layers = {
+        "mlp": lambda: [  # text E: flatten -> 256 -> ReLU -> 10
+            flatten(), ("hidden", nn.Linear(size * size * c, 256)), relu(), ("out", nn.Linear(256, 10))],
+        "cnn": lambda: [  # text A
+            ("conv1", nn.Conv2d(c, 16, 5, padding=2)), relu(), pool(),
+            ("conv2", nn.Conv2d(16, 32, 5, padding=2)), relu(), pool(),
+            flatten(), ("out", nn.Linear(32 * (size // 4) ** 2, 10))],
+        "lenet5": lambda: [  # text B; 28x28 inputs zero-padded to 32x32
+            *([nn.ZeroPad2d(2)] if size == 28 else []),
+            ("conv1", nn.Conv2d(c, 6, 5)), relu(), pool(), ("conv2", nn.Conv2d(6, 16, 5)), relu(), pool(),
+            flatten(), ("fc1", nn.Linear(16 * 5 * 5, 120)), relu(), ("fc2", nn.Linear(120, 84)), relu(),
+            ("out", nn.Linear(84, 10))],
+        "fc_nobias": lambda: [  # text C
+            flatten(), ("hidden", nn.Linear(size * size * c, 300, bias=False)), relu(),
+            ("out", nn.Linear(300, 10, bias=False))],
+    }
+    layers["mlp_scratch"] = layers["mlp"]
+    if name not in layers:
+        raise JaxbatchError(f"no PyTorch twin for model {name!r}; twins exist for: {', '.join(layers)}")
+    return nn.Sequential(OrderedDict(layer if isinstance(layer, tuple) else (str(i), layer)
+                                     for i, layer in enumerate(layers[name]())))
 
 
-# The first dense layer after a flatten: its rows follow the flattened (h, w, c) order.
-_FLATTEN_INPUT_LAYER = {"mlp": "hidden", "mlp_scratch": "hidden", "fc_nobias": "hidden", "cnn": "out", "lenet5": "fc1"}
+def _flattened(name: str, image_shape):
+    """The first dense layer after a flatten, and the (h, w, c) feature map it flattens."""
+    h, w, c = image_shape
+    return {"cnn": ("out", (h // 4, w // 4, 32)), "lenet5": ("fc1", (5, 5, 16))}.get(name, ("hidden", image_shape))
 
 
-def _flax_layers(name: str, params) -> dict:
+def _to_torch(name, layer, kernel, image_shape):
+    if kernel.ndim == 4:  # (kh, kw, Cin, Cout) -> (Cout, Cin, kh, kw)
+        return kernel.transpose(3, 2, 0, 1)
+    flat_layer, (h, w, c) = _flattened(name, image_shape)
+    if layer == flat_layer:  # rows in JAX's (h, w, c) order -> PyTorch's (c, h, w)
+        kernel = kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1)
+    return kernel.T
+
+
+def _to_jax(name, layer, weight, image_shape):
+    """The inverse of _to_torch."""
+    if weight.ndim == 4:
+        return weight.transpose(2, 3, 1, 0)
+    flat_layer, (h, w, c) = _flattened(name, image_shape)
+    kernel = weight.T
+    if layer == flat_layer:
+        kernel = kernel.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
+    return kernel
+
+
+def flax_layers(name: str, params) -> dict:
     """{layer: {"kernel": array, "bias": array}} from Flax params (or mlp_scratch's dict)."""
     if name == "mlp_scratch":
         return {"hidden": {"kernel": params["W1"], "bias": params["b1"]},
@@ -115,99 +104,15 @@ def _flax_layers(name: str, params) -> dict:
 def torch_twin(name: str, params, image_shape, device):
     """The PyTorch twin of model `name` holding the numbers of JAX `params`."""
     torch = require_torch()
-    h, w, c = image_shape
-    model = _build(name, c, h)
-    layers = _flax_layers(name, params)
-    for layer_name, arrays in layers.items():
-        module = getattr(model, layer_name)
-        kernel = np.asarray(arrays["kernel"], np.float32)
-        if kernel.ndim == 4:  # (kh, kw, Cin, Cout) -> (Cout, Cin, kh, kw)
-            weight = kernel.transpose(3, 2, 0, 1)
-        else:  # (in, out) -> (out, in)
-            weight = kernel.T
-            if layer_name == _FLATTEN_INPUT_LAYER[name]:
-                # rows of the JAX kernel are in (h, w, c) order; PyTorch flattens (c, h, w)
-                hh, ww, cc = _flattened_shape(name, image_shape)
-                weight = weight.reshape(-1, hh, ww, cc).transpose(0, 3, 1, 2).reshape(weight.shape[0], -1)
-        with torch.no_grad():
+    model = _build(name, image_shape[2], image_shape[0])
+    with torch.no_grad():
+        for layer, arrays in flax_layers(name, params).items():
+            module = getattr(model, layer)
+            weight = _to_torch(name, layer, np.asarray(arrays["kernel"], np.float32), image_shape)
             module.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
             if "bias" in arrays:
                 module.bias.copy_(torch.from_numpy(np.array(arrays["bias"], np.float32)))
     return model.to(device)
-
-
-def _flattened_shape(name: str, image_shape):
-    """(h, w, c) of the feature map that model `name` flattens."""
-    h, w, c = image_shape
-    if name == "cnn":
-        return h // 4, w // 4, 32
-    if name == "lenet5":
-        return 5, 5, 16
-    return h, w, c
-
-
-def to_torch_batch(xs, ys, device):
-    """JAX NHWC float images and int labels -> PyTorch NCHW float32 and int64."""
-    torch = require_torch()
-    x = torch.from_numpy(np.array(np.asarray(xs, np.float32).transpose(0, 3, 1, 2), order="C")).to(device)
-    y = torch.from_numpy(np.array(ys, np.int64)).to(device)
-    return x, y
-
-
-def make_torch_step(method: str, model):
-    """(x, y) -> tuple of mean-gradient tensors, in model.parameters() order."""
-    torch = require_torch()
-    F = torch.nn.functional
-    params = dict(model.named_parameters())
-
-    if method == "batched":
-        def step(x, y):
-            loss = F.cross_entropy(model(x), y)
-            return torch.autograd.grad(loss, list(params.values()))
-        return step
-
-    if method in ("per_example", "clipped"):
-        from torch.func import functional_call, grad, vmap
-
-        from jaxbatch.bench.methods import CLIP_NORM
-
-        def one_loss(p, x, y):
-            out = functional_call(model, p, (x.unsqueeze(0),))
-            return F.cross_entropy(out, y.unsqueeze(0))
-
-        per_example = vmap(grad(one_loss), in_dims=(None, 0, 0))
-        detached = {k: v.detach() for k, v in params.items()}
-
-        def step(x, y):
-            grads = per_example(detached, x, y)
-            if method == "per_example":
-                return tuple(g.mean(0) for g in grads.values())
-            norms = sum(g.flatten(1).pow(2).sum(1) for g in grads.values()).sqrt()
-            factor = (CLIP_NORM / norms.clamp_min(1e-30)).clamp(max=1.0)
-            return tuple(torch.einsum("b,b...->...", factor, g) / len(factor) for g in grads.values())
-        return step
-
-    raise JaxbatchError(f"unknown PyTorch method {method!r}; choose from: {', '.join(TORCH_METHODS)}")
-
-
-def torch_sync(device):
-    torch = require_torch()
-    if device.type == "cuda":
-        return lambda out: torch.cuda.synchronize()
-    return lambda out: out
-
-
-def torch_matmul_peak(n: int, device, **timing) -> dict:
-    """FLOP/s of an n x n x n float32 product in PyTorch, for comparison with JAX's."""
-    from jaxbatch.machine import time_calls
-
-    torch = require_torch()
-    gen = torch.Generator().manual_seed(0)
-    pairs = [(torch.randn(n, n, generator=gen).to(device), torch.randn(n, n, generator=gen).to(device))
-             for _ in range(3)]
-    t = time_calls(torch.matmul, pairs, torch_sync(device), **timing)
-    return {"size": n, "median_s": t.median_s, "min_s": t.min_s,
-            "flops_per_s": 2 * n**3 / t.min_s, "flops_per_s_median": 2 * n**3 / t.median_s}
 
 
 def grads_to_jax_layout(name: str, model, grads, image_shape) -> dict:
@@ -216,15 +121,54 @@ def grads_to_jax_layout(name: str, model, grads, image_shape) -> dict:
     for (pname, _), g in zip(model.named_parameters(), grads):
         layer, kind = pname.split(".")
         g = g.detach().cpu().numpy()
-        if kind == "weight":
-            if g.ndim == 4:
-                g = g.transpose(2, 3, 1, 0)
-            else:
-                if layer == _FLATTEN_INPUT_LAYER[name]:
-                    hh, ww, cc = _flattened_shape(name, image_shape)
-                    g = g.reshape(-1, cc, hh, ww).transpose(0, 2, 3, 1).reshape(g.shape[0], -1)
-                g = g.T
-            out.setdefault(layer, {})["kernel"] = g
-        else:
-            out.setdefault(layer, {})["bias"] = g
+        out.setdefault(layer, {})[{"weight": "kernel"}.get(kind, kind)] = (
+            _to_jax(name, layer, g, image_shape) if kind == "weight" else g)
     return out
+
+
+def to_torch_batch(xs, ys, device):
+    """JAX NHWC float images and int labels -> PyTorch NCHW float32 and int64."""
+    torch = require_torch()
+    x = torch.from_numpy(np.array(np.asarray(xs, np.float32).transpose(0, 3, 1, 2), order="C")).to(device)
+    return x, torch.from_numpy(np.array(ys, np.int64)).to(device)
+
+
+def make_torch_step(method: str, model):
+    """(x, y) -> tuple of mean-gradient tensors, in model.parameters() order."""
+    torch = require_torch()
+    F = torch.nn.functional
+    params = dict(model.named_parameters())
+    if method == "batched":
+        return lambda x, y: torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))
+    if method not in TORCH_METHODS:
+        raise JaxbatchError(f"unknown PyTorch method {method!r}; choose from: {', '.join(TORCH_METHODS)}")
+    from torch.func import functional_call, grad, vmap
+
+    def one_loss(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    per_example = vmap(grad(one_loss), in_dims=(None, 0, 0))
+    detached = {k: v.detach() for k, v in params.items()}
+
+    def step(x, y):
+        grads = per_example(detached, x, y)
+        if method == "per_example":
+            return tuple(g.mean(0) for g in grads.values())
+        norms = sum(g.flatten(1).pow(2).sum(1) for g in grads.values()).sqrt()
+        factor = (CLIP_NORM / norms.clamp_min(1e-30)).clamp(max=1.0)
+        return tuple(torch.einsum("b,b...->...", factor, g) / len(factor) for g in grads.values())
+
+    return step
+
+
+def torch_sync(device):
+    torch = require_torch()
+    return (lambda out: torch.cuda.synchronize()) if device.type == "cuda" else (lambda out: out)
+
+
+def torch_matmul_peak(n: int, device, **timing) -> dict:
+    """The matmul peak in PyTorch (measure.matmul_peak), for comparison with JAX's."""
+    torch = require_torch()
+    gen = torch.Generator().manual_seed(0)
+    pairs = [tuple(torch.randn(n, n, generator=gen).to(device) for _ in range(2)) for _ in range(3)]
+    return matmul_peak(torch.matmul, pairs, torch_sync(device), **timing)

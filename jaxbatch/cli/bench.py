@@ -113,7 +113,7 @@ def describe(event: dict) -> str:
 
 
 def run(args) -> int:
-    from jaxbatch.bench import device as device_lib
+    from jaxbatch.bench.measure import device_slug
     from jaxbatch.bench.report import format_targets, write_results
     from jaxbatch.bench.run import run_benchmarks, validate
 
@@ -121,7 +121,7 @@ def run(args) -> int:
     validate(config)  # bad flags fail before the first compile
     progress = None if args.quiet else (lambda event: print(describe(event), file=sys.stderr, flush=True))
     record = run_benchmarks(config, on_progress=progress)
-    name = args.name or device_lib.device_slug(record["device"])
+    name = args.name or device_slug(record["device"])
     paths = write_results(record, args.out, name, plots=not args.no_plots)
     print("\n".join(format_targets(record)))
     for path in paths:
