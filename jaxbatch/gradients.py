@@ -81,7 +81,10 @@ class ClippedGrad(NamedTuple):
         return grads, jnp.sum(weights * per_example["losses"]) / n, per_example["outputs"], sums
 
 
-CLIP_SUMS = ("clipped", "norm_sum")
+def clip_figures(sums: dict, seen: float) -> dict:
+    """An epoch's clipping keys from ClippedGrad's sums over `seen` examples."""
+    return {"clipped_fraction": sums["clipped"] / seen,  # examples whose gradient was clipped
+            "mean_grad_norm": sums["norm_sum"] / seen}  # mean ||g_i|| before clipping
 
 
 def layer_norms(grads) -> dict[str, Any]:

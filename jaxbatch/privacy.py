@@ -122,6 +122,17 @@ def check_settings(clip, noise, delta, target_epsilon) -> None:
                             "greater than 0", setting="dp_epsilon")
 
 
+def run_epsilon(sampling_rate: float, noise: float | None, steps: int, delta: float,
+                budget: float | None = None) -> float | None:
+    """The epsilon a whole run reaches (None without noise), refused with
+    `check_budget`'s error if it would exceed `budget`."""
+    if noise is None:
+        return None
+    if budget is not None:
+        return check_budget(sampling_rate, noise, steps, delta, budget)
+    return epsilon(sampling_rate, noise, steps, delta)
+
+
 def check_budget(sampling_rate: float, noise: float, steps: int, delta: float, target_epsilon: float) -> float:
     """The run's final epsilon; one clear error if it would exceed the budget."""
     final = epsilon(sampling_rate, noise, steps, delta)

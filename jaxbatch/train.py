@@ -11,21 +11,12 @@ gradient function, the optimiser's structure) is a static, hashable
 argument; so a second run with the same shapes, or a sweep over seeds or
 learning rates, reuses the compiled program.
 
-Choices worth knowing:
-- The dataset lives on the device as uint8 and is normalised inside the jitted
-  step (data/inputs.py), so each step moves a quarter of the bytes.
-- Each epoch draws its permutation with `jax.random` from (seed, epoch): the
-  same seed gives the same numbers.
-- Steps run inside `jax.lax.scan` over chunks of steps, so Python is out of the
-  per-step path. The host never waits for the chunk it just launched: it
-  reads the previous chunk's few summary numbers while the next one runs
-  (runlog.Progress).
-- The last, partial batch of an epoch is kept: it is padded to the batch size
-  with weight-0 examples, so every example is seen once per epoch, that step's
-  gradient is the mean over its real examples only, and the metrics count
-  real examples only.
-- A NaN, infinite or exploded (> max_loss) loss stops training with
-  `Diverged` (one clear line).
+Choices worth knowing: the dataset stays on the device as uint8 and each
+step normalises its own batch (data/inputs.py); each epoch's permutation
+comes from (seed, epoch) alone; steps run in `lax.scan` chunks and the host
+reads each chunk's few summary numbers one chunk late (runlog.Progress);
+the last partial batch is padded with weight-0 examples, so every example
+counts once per epoch; a NaN, infinite or exploded loss raises `Diverged`.
 """
 
 from __future__ import annotations
@@ -45,7 +36,7 @@ from jaxbatch import data as data_lib
 from jaxbatch.config import TrainConfig, validate  # noqa: F401  (the run's settings live there)
 from jaxbatch.data.inputs import channel_stats, input_numbers, normalize
 from jaxbatch.errors import JaxbatchError
-from jaxbatch.gradients import CLIP_SUMS, BatchGrad, ClippedGrad, layer_norms
+from jaxbatch.gradients import BatchGrad, ClippedGrad, clip_figures, layer_norms
 from jaxbatch.losses import batched_loss_and_outputs, vmap_loss_and_outputs
 from jaxbatch.models import Model, get_model, init_params
 from jaxbatch.noise_scale import NoiseScale, epoch_figures
@@ -283,7 +274,9 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     n = len(train_ds)
     steps_per_epoch = -(-n // config.batch_size)
     total_steps = min(steps_per_epoch * config.epochs, config.max_steps or steps_per_epoch * config.epochs)
-    final_epsilon = planned_epsilon(config, n, total_steps)  # checked against a budget before any file is written
+    # DP-SGD: the epsilon the whole run will reach, checked against a budget before any file is written.
+    final_epsilon = privacy.run_epsilon(config.batch_size / n, config.dp_noise, total_steps, config.dp_delta,
+                                        config.dp_epsilon)
     env = runlog.environment(mesh)
     files = runlog.RunFiles(config.out, config, env)
 
@@ -369,28 +362,12 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     return TrainResult(final, history, progress.steps)
 
 
-def planned_epsilon(config: TrainConfig, train_size: int, total_steps: int) -> float | None:
-    """DP-SGD: the epsilon the whole run will reach (sampling rate q = B / N),
-    refused if above config.dp_epsilon; None without noise."""
-    if config.dp_noise is None:
-        return None
-    q = config.batch_size / train_size
-    if config.dp_epsilon is not None:
-        return privacy.check_budget(q, config.dp_noise, total_steps, config.dp_delta, config.dp_epsilon)
-    return privacy.epsilon(q, config.dp_noise, total_steps, config.dp_delta)
-
-
 def gradient_metrics(config: TrainConfig, progress, train_size: int, steps_done: int) -> dict:
     """What an epoch line adds for clipping, DP-SGD and the noise scale."""
-    sums, record = progress.extra, {}
-    if config.dp_clip is not None:
-        clipped, norm_sum = (sums[k] for k in CLIP_SUMS)
-        record["clipped_fraction"] = clipped / progress.seen  # examples whose gradient was clipped
-        record["mean_grad_norm"] = norm_sum / progress.seen  # mean ||g_i|| before clipping
+    record = clip_figures(progress.extra, progress.seen) if config.dp_clip is not None else {}
     if config.dp_noise is not None:
         q = config.batch_size / train_size
-        record["epsilon"] = privacy.epsilon(q, config.dp_noise, steps_done, config.dp_delta)
-        record["delta"] = config.dp_delta
+        record.update(epsilon=privacy.epsilon(q, config.dp_noise, steps_done, config.dp_delta), delta=config.dp_delta)
     if config.log_noise_scale:
-        record.update(epoch_figures(sums))
+        record.update(epoch_figures(progress.extra))
     return record
