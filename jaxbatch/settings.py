@@ -165,8 +165,8 @@ def add_flags(parser, cls, skip=(), presets=None) -> None:
     """One flag per setting of `cls` (--batch-size for batch_size), default
     None so that `given` can tell what the user typed; groups by `group`.
     presets: {flag: {setting: value}}, the values another flag gives some
-    settings, shown after the default ({"--quick": QUICK}: "default 16384;
-    --quick: 4096")."""
+    settings, shown after the default where they differ ({"--quick": QUICK}:
+    "default 16384; --quick: 4096")."""
     defaults = cls()
     groups = {}
     for field in declared(cls):
@@ -181,7 +181,7 @@ def add_flags(parser, cls, skip=(), presets=None) -> None:
         default = getattr(defaults, field.name)
         help_text = meta["help"]
         shown = [f"{flag}: {show(values[field.name])}" for flag, values in (presets or {}).items()
-                 if field.name in values]
+                 if values.get(field.name, default) != default]
         if default is not None and default != "" and meta["type"] is not bool:
             shown.insert(0, f"default {show(default)}")
         if meta["type"] is tuple:

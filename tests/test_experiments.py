@@ -85,7 +85,8 @@ def test_equality_every_pair_of_ways_agrees_in_float32_and_float64(quick):
 
 
 def test_equality_comparisons_are_checked():
-    for comparisons, message in (((), "no comparison to run"), (("float16",), "unknown comparison 'float16'")):
+    for comparisons, message in (((), "comparisons must list at least one comparison; choose from: float32, "),
+                                 (("float16",), "unknown comparison 'float16'; choose one of: float32, ")):
         with pytest.raises(JaxbatchError, match=message):
             equality.validate(make_config("equality", quick=True, comparisons=comparisons))
 
@@ -144,13 +145,13 @@ def test_variance_falls_as_one_over_b(quick):
 def test_gradient_moments_match_brute_force():
     from jaxbatch.losses import per_example_grads
     from jaxbatch.models import get_model
-    from jaxbatch.train import TrainConfig, init_params
+    from jaxbatch import init_key, init_params
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(37, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 10, size=37).astype(np.int32)
     model = get_model("mlp_scratch")
-    params = init_params(TrainConfig(model="mlp_scratch"), (8, 8, 1))
+    params = init_params(model, init_key(0), (8, 8, 1))
     # A chunk that does not divide 37: the wrapped-around last chunk must weigh 0.
     g, tr_sigma, m = variance.make_gradient_moments(model.apply, images, labels, chunk=10, examples=100,
                                                     seed=0)(params)

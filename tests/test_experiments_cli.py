@@ -1,6 +1,7 @@
 """`jaxbatch experiment`: bad input ends in one line and nothing written; the
 scripts under scripts/ are the same command."""
 
+import dataclasses
 import json
 import runpy
 import subprocess
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from jaxbatch.cli import main
-from jaxbatch.experiments import EXPERIMENTS, make_config
+from jaxbatch.experiments import EXPERIMENTS, get_experiment, make_config
 from jaxbatch.experiments.report import write_results
 from jaxbatch.errors import JaxbatchError
+from jaxbatch.settings import check, declared
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,3 +118,71 @@ def test_script_runs_as_a_program(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "result.json").read_text())["config"]["grid_points"] == 11
+
+
+# ---- flags from the settings' declarations (jaxbatch/settings.py) -----------
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_every_setting_is_declared_with_help_and_is_valid_by_default(name):
+    module = get_experiment(name)
+    assert [f.name for f in declared(module.Config)] == [f.name for f in dataclasses.fields(module.Config)]
+    check(module.Config())
+    check(make_config(name, quick=True))
+
+
+@pytest.mark.parametrize("argv, message", [
+    # a tuple flag: each item against the declaration, at least one item
+    (["variance", "--batch-sizes", "1,0"], "argument --batch-sizes: must be 1 or more, got 0"),
+    (["lr-scaling", "--batch-sizes", ","], "argument --batch-sizes: must list at least one batch size"),
+    (["variance", "--datasets", "digits,imagenet"], "argument --datasets: unknown dataset 'imagenet'; choose one of: "),
+    (["equality", "--comparisons", "float64,float16"],
+     "argument --comparisons: unknown comparison 'float16'; choose one of: float32, float64, float32_default"),
+    # sizes bounded where a huge value would exhaust memory
+    (["activations", "--grid-points", "100002"], "argument --grid-points: must be 100001 or less, got 100002"),
+    (["activations", "--hidden", "1000000"], "argument --hidden: must be 8192 or less, got 1000000"),
+    (["variance", "--chunk", "5000"], "argument --chunk: must be 1000 or less, got 5000"),
+    (["clipping", "--clip-points", "1"], "argument --clip-points: must be 2 or more, got 1"),
+    # ranges and numbers
+    (["clipping", "--low-quantile", "1"], "argument --low-quantile: must be less than 1, got 1"),
+    (["lr-scaling", "--warmup-fraction", "0"], "argument --warmup-fraction: must be greater than 0, got 0"),
+    (["input-scale", "--lr", "nan"], "argument --lr: expected a finite number, got nan"),
+    (["equality", "--seed", "-1"], "argument --seed: must be 0 or more, got -1"),
+    # rules that tie settings together name the flag too
+    (["variance", "--batch-sizes", "4,4"], "give --batch-sizes at least two different batch sizes to fit a slope"),
+    (["lr-scaling", "--seed", "4294967295", "--seeds", "2"], "pass a smaller --seed"),
+])
+def test_a_bad_flag_is_one_line_naming_it(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    err = one_line_error(capsys, ["experiment", argv[0], "--quick", *argv[1:], "--out", str(out)])
+    assert message in err
+    assert not out.exists()
+
+
+def test_the_library_refuses_with_the_same_words():
+    with pytest.raises(JaxbatchError, match="^batch_sizes must be 1 or more, got 0$"):
+        check(make_config("variance", batch_sizes=(1, 0)))
+    with pytest.raises(JaxbatchError, match="^grid_points must be 100001 or less, got 100002$"):
+        check(make_config("activations", grid_points=100002))
+    with pytest.raises(JaxbatchError, match="^datasets must be a tuple, got 'mnist'$"):
+        check(make_config("variance", datasets="mnist"))
+
+
+def help_text(capsys, name) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(["experiment", name, "--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
+
+
+def test_help_shows_each_default_and_the_quick_value_where_it_differs(capsys):
+    text = help_text(capsys, "variance")
+    assert "--samples SAMPLES examples drawn per batch size" in text
+    assert "(default 16384; --quick: 4096)" in text
+    assert "(comma-separated; default 1,2,4,8,16,32,64,128,256,512,1024; --quick: 1,4,16,64,256,1024)" in text
+    assert "at most 1000: a pass holds their per-example gradients (default 250)" in text
+    text = help_text(capsys, "lr-scaling")
+    assert "the rules scale it (default 0.1)" in text  # QUICK's base_lr is the default: not repeated
+    assert "--optimizer {sgd,adam,adamw}" in text
+    assert "points in [-6, 6] the derivatives are computed at, 3 to 100001 (default 241)" in help_text(
+        capsys, "activations")

@@ -1,6 +1,7 @@
 """The texts' demonstrations, one module each:
 
-    equality      text A: the batch gradient four ways, equal to rounding
+    equality      text A: the batch gradient five ways (the fifth, text D's
+                  data parallelism, once per device count), equal to rounding
     variance      text D: minibatch gradient variance against B, and B_noise
     input-scale   text C: inputs x255 and what SGD makes of them
     lr-scaling    text D: constant, linear and square-root learning-rate rules
@@ -10,10 +11,14 @@
                   per-example norms, and SGD vs clipped vs private training
 
 Each module has a `Config` dataclass whose defaults are the full run on the
-real datasets, `QUICK` (the fields a small offline run on `digits` changes),
-`run(config, on_progress) -> result` (a JSON-able dict), `summary(result)`
-(the printed table) and `figures(result)` ({name: matplotlib Figure}).
-`run_experiment` adds the matmul precision the run used to the result.
+real datasets, every field declared once with its help text and valid values
+(jaxbatch/settings.py: `jaxbatch experiment NAME`'s flags and `validate`
+follow from them), `QUICK` (the fields a small offline run on `digits`
+changes), `validate(config)` (`settings.check`, then the rules that need
+code), `run(config, on_progress) -> result` (a JSON-able dict),
+`summary(result)` (the printed table) and `figures(result)` ({name:
+matplotlib Figure}). `run_experiment` adds the matmul precision the run used
+to the result.
 """
 
 from __future__ import annotations
@@ -22,9 +27,14 @@ import dataclasses
 import importlib
 from types import ModuleType
 
+from jaxbatch.config import SEEDS
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.experiments.report import check_out_dir, write_results
 from jaxbatch.precision import matmul_precision
+
+# The help texts of settings that every experiment has.
+DATA_DIR = "folder holding <dataset>/ files (default $JAXBATCH_DATA_DIR or ~/.jaxbatch/data)"
+SEED = f"seed of the initialisation and of every random draw, 0 .. {SEEDS - 1}"
 
 EXPERIMENTS = {
     "equality": "equality",

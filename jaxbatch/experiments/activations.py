@@ -26,9 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbatch import data as data_lib
-from jaxbatch.errors import JaxbatchError
+from jaxbatch import load
+from jaxbatch.experiments import DATA_DIR, SEED, SEEDS
 from jaxbatch.experiments.report import format_table, new_figure
 from jaxbatch.precision import enable_x64, highest_precision, matmul_precision
+from jaxbatch.settings import check, setting
 
 ACTIVATIONS = {
     "relu": (jax.nn.relu, lambda x: (x > 0).astype(x.dtype)),
@@ -37,27 +39,32 @@ ACTIVATIONS = {
 }
 
 
+# Sizes that bound memory: the layers hold inputs x hidden + hidden x outputs
+# numbers (CIFAR-10 at the largest: 92 M, 0.74 GB in float64), and result.json
+# seven lists of grid_points numbers.
+MAX_WIDTH, MAX_GRID = 8192, 100_001
+
+
 @dataclasses.dataclass
 class Config:
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    batch_size: int = 256  # text E's batch
-    hidden: int = 256  # text E's MLP: inputs -> 256 -> 10
-    outputs: int = 10
-    grid_points: int = 241  # x in [-6, 6]
-    seed: int = 0
+    dataset: str = setting("fashion_mnist", "the dataset of the batch; digits is bundled")
+    data_dir: str | None = setting(None, DATA_DIR, type=str)
+    # Text E's MLP and batch: inputs -> 256 -> 10, 256 images.
+    batch_size: int = setting(256, "images the two linear layers are compared on", at_least=1)
+    hidden: int = setting(256, f"width of the first linear layer, at most {MAX_WIDTH}", at_least=1,
+                          at_most=MAX_WIDTH)
+    outputs: int = setting(10, f"width of the second, at most {MAX_WIDTH}", at_least=1, at_most=MAX_WIDTH)
+    grid_points: int = setting(241, f"points in [-6, 6] the derivatives are computed at, 3 to {MAX_GRID}",
+                               at_least=3, at_most=MAX_GRID)
+    seed: int = setting(0, SEED, at_least=0, at_most=SEEDS - 1)
 
 
 QUICK = dict(dataset="digits")
 
 
 def validate(config: Config) -> None:
+    check(config)
     data_lib.get_spec(config.dataset)
-    for field in ("batch_size", "hidden", "outputs"):
-        if getattr(config, field) < 1:
-            raise JaxbatchError(f"{field.replace('_', '-')} must be 1 or more")
-    if config.grid_points < 3:
-        raise JaxbatchError("grid-points must be 3 or more")
 
 
 @jax.jit
@@ -107,7 +114,7 @@ def stacked_vs_single(x, layers: dict, dtype: str) -> dict:
 def run(config: Config, on_progress=None) -> dict:
     on_progress = on_progress or (lambda text: None)
     validate(config)
-    train = data_lib.load(config.dataset, "train", config.data_dir)
+    train = load(config.dataset, "train", config.data_dir)
     data_lib.check_batch_size(config.batch_size, train)
     on_progress("activations and their derivatives")
     grid = jnp.linspace(-6.0, 6.0, config.grid_points)

@@ -40,41 +40,58 @@ import dataclasses
 import jax
 import numpy as np
 
+from jaxbatch import (
+    TrainConfig,
+    batched_grad,
+    clipped_mean_grad,
+    get_model,
+    init_key,
+    init_params,
+    input_numbers,
+    normalize,
+    per_example_norms,
+    prepare_data,
+    train_and_evaluate,
+)
 from jaxbatch import data as data_lib
-from jaxbatch.errors import JaxbatchError
+from jaxbatch.experiments import DATA_DIR, SEED, SEEDS
 from jaxbatch.experiments.report import format_table, new_figure
-from jaxbatch.losses import batched_grad, clip_factors, clipped_mean_grad, per_example_norms
-from jaxbatch.models import get_model
+from jaxbatch.losses import clip_factors
 from jaxbatch.precision import enable_x64, relative_difference
-from jaxbatch.train import TrainConfig, init_params, input_numbers, normalize, prepare_data, train_and_evaluate
+from jaxbatch.settings import check, setting
 
 POINTS = ("init", "after_sgd")
 RUNS = ("sgd", "clip", "dp_sgd")
 RUN_LABELS = {"sgd": "SGD", "clip": "clipping only", "dp_sgd": "DP-SGD (clip + noise)"}
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 COINCIDE_TARGET = 1e-12  # float64: "equal up to rounding"
+MAX_CLIP_POINTS = 200  # the sweep runs every C at once, two float64 gradients each: 0.65 GB for the mlp
 
 
 @dataclasses.dataclass
 class Config:
-    model: str = "mlp"
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    batch_size: int = 250  # the one batch measured, and the training batch (MNIST: 240 steps an epoch)
-    clip_points: int = 25  # values of C in the sweep, geometrically spaced ...
-    low_quantile: float = 0.02  # ... from this quantile of the batch's norms ...
-    high_factor: float = 2.0  # ... to this multiple of the largest norm (plus max ||g_i|| and ||g|| exactly)
-    epochs: int = 3
-    lr: float = 0.1
-    momentum: float = 0.9
-    train_clip: float = 1.0  # C for the clipping-only and DP-SGD runs
-    train_noise: float = 1.0  # sigma for DP-SGD
-    delta: float = 1e-5
-    # Examples clipped at a time (TrainConfig.dp_chunk), forming every g_i;
-    # None: ghost norms and the clipped sum from one pass (jaxbatch/ghost.py),
-    # which never forms them.
-    dp_chunk: int | None = None
-    seed: int = 0
+    model: str = setting("mlp", "the network")
+    dataset: str = setting("mnist", "the dataset; digits is bundled")
+    data_dir: str | None = setting(None, DATA_DIR, type=str)
+    # MNIST: 240 steps an epoch.
+    batch_size: int = setting(250, "the one batch measured, and the training batch; 2 or more: the mean of one "
+                              "gradient is that gradient", at_least=2)
+    clip_points: int = setting(25, f"values of C in the sweep, 2 to {MAX_CLIP_POINTS}, geometrically spaced from "
+                               "--low-quantile to --high-factor; max ||g_i|| and ||g|| are added", at_least=2,
+                               at_most=MAX_CLIP_POINTS)
+    low_quantile: float = setting(0.02, "the sweep's smallest C: this quantile of the batch's norms, in [0, 1)",
+                                  at_least=0, below=1)
+    high_factor: float = setting(2.0, "the sweep's largest C: this multiple of the largest norm, above 1", above=1)
+    epochs: int = setting(3, "epochs of each of the three training runs", at_least=1)
+    lr: float = setting(0.1, "their SGD learning rate", above=0)
+    momentum: float = setting(0.9, "their SGD momentum", at_least=0)
+    train_clip: float = setting(1.0, "C for the clipping-only and DP-SGD runs", above=0)
+    train_noise: float = setting(1.0, "sigma for DP-SGD: noise of standard deviation sigma * C", above=0)
+    delta: float = setting(1e-5, "the delta of DP-SGD's epsilon, between 0 and 1", above=0, below=1)
+    dp_chunk: int | None = setting(None, "form every g_i, N examples at a time, as TrainConfig.dp_chunk; default: "
+                                   "ghost norms and the clipped sum from one pass, jaxbatch/ghost.py, which never "
+                                   "forms them", type=int, at_least=1, metavar="N")
+    seed: int = setting(0, SEED, at_least=0, at_most=SEEDS - 1)
 
 
 # 14 steps an epoch.
@@ -82,21 +99,9 @@ QUICK = dict(dataset="digits", batch_size=100, epochs=6)
 
 
 def validate(config: Config) -> None:
+    check(config)
     get_model(config.model)
     data_lib.get_spec(config.dataset)
-    for field in ("epochs", "dp_chunk"):
-        if getattr(config, field) is not None and getattr(config, field) < 1:
-            raise JaxbatchError(f"{field.replace('_', '-')} must be 1 or more")
-    if config.batch_size < 2:
-        raise JaxbatchError("batch-size must be 2 or more: the mean of one gradient is that gradient")
-    if config.clip_points < 2:
-        raise JaxbatchError("clip-points must be 2 or more")
-    if not 0 <= config.low_quantile < 1:
-        raise JaxbatchError(f"low-quantile must be in [0, 1), got {config.low_quantile}")
-    if not config.high_factor > 1:
-        raise JaxbatchError(f"high-factor must be greater than 1, got {config.high_factor}")
-    if not (config.lr > 0 and config.train_clip > 0 and config.train_noise > 0 and 0 < config.delta < 1):
-        raise JaxbatchError("lr, train-clip and train-noise must be greater than 0, delta between 0 and 1")
 
 
 # ---- one batch: mean of clipped against clipped mean -------------------------
@@ -205,9 +210,8 @@ def train_run(train_config: TrainConfig, train, test, label: str, on_progress):
 def run(config: Config, on_progress=None) -> dict:
     on_progress = on_progress or (lambda text: None)
     validate(config)
-    train, test = prepare_data(TrainConfig(model=config.model, dataset=config.dataset, data_dir=config.data_dir,
-                                           batch_size=config.batch_size))
     model = get_model(config.model)
+    train, test = prepare_data(config.dataset, model, config.batch_size, config.data_dir)
 
     runs, params, configs = {}, {}, train_configs(config)
     for name, train_config in configs.items():
@@ -217,7 +221,7 @@ def run(config: Config, on_progress=None) -> dict:
     idx = np.sort(np.random.default_rng(config.seed).choice(len(train), config.batch_size, replace=False))
     xs, ys = train.images[idx], train.labels[idx]
     both_ways = make_both_ways(model.apply, config.dp_chunk)
-    at = {"init": init_params(configs["sgd"], train.image_shape), "after_sgd": params["sgd"]}
+    at = {"init": init_params(model, init_key(config.seed), train.image_shape), "after_sgd": params["sgd"]}
     batch = {}
     for point in POINTS:
         on_progress(f"one batch of {config.batch_size}, {point}: mean of clipped against clipped mean, float64")

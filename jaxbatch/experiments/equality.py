@@ -29,7 +29,7 @@ difference max|a - b| and the relative difference max|a - b| / max|b| (the
 scale is the largest entry of the array, not each entry, so entries near 0
 cannot blow it up), in float32 and in float64.
 
-The four sums differ only in the order in which floating-point additions are
+The five sums differ only in the order in which floating-point additions are
 done, and each rounding costs at most the unit roundoff u of the format
 (u = 2^-24 ~ 6e-8 in float32, 2^-53 ~ 1.1e-16 in float64), so the ways agree
 to a small multiple of u: ~1e-7 in float32, ~1e-16 in float64.
@@ -56,15 +56,28 @@ import os
 import jax
 import numpy as np
 
+from jaxbatch import (
+    batched_grad,
+    batched_loss,
+    data_mesh,
+    data_parallel_grad,
+    example_grad_fn,
+    get_model,
+    init_key,
+    init_params,
+    load,
+    loop_grad,
+    mean_per_example_grads,
+    vmap_grad,
+)
 from jaxbatch import data as data_lib
 from jaxbatch.errors import JaxbatchError
+from jaxbatch.experiments import DATA_DIR, SEED, SEEDS
 from jaxbatch.experiments.report import format_table, new_figure
-from jaxbatch.losses import (batched_grad, batched_loss, data_parallel_grad, example_grad_fn, loop_grad,
-                             mean_per_example_grads, vmap_grad)
 from jaxbatch.machine import cpu_model, time_calls
-from jaxbatch.models import MODELS, get_model
+from jaxbatch.models import MODELS
 from jaxbatch.precision import enable_x64, highest_precision, matmul_precision, relative_difference
-from jaxbatch.train import TrainConfig, data_mesh, init_params
+from jaxbatch.settings import check, setting
 
 WAYS = ("loop", "vmap", "grad_vmap", "batched")
 WAY_NAMES = {
@@ -76,6 +89,7 @@ WAY_NAMES = {
                         "devices (text D); one way per K",
 }
 MAX_DEVICES = 8  # data-parallel K values stop here: enough to show the pattern, one compile per K
+MAX_BATCH = 4096  # the vmap way holds all B gradients at once: 6.7 GB for the mlp on MNIST in float64
 DTYPES = ("float32", "float64")
 TARGETS = {"float32": 1e-5, "float64": 1e-12}  # largest relative difference allowed
 # {name: (dtype, float32 matmul precision)}. The first two are the claim, held
@@ -114,32 +128,26 @@ DATA_PARALLEL_NOTE = (
 
 @dataclasses.dataclass
 class Config:
-    models: tuple = tuple(MODELS)
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    batch_size: int = 50  # text A's batch; not a power of 2, so dividing by it rounds
-    lr: float = 0.1  # for the summed-vs-mean SGD step (text E)
-    repeats: int = 3  # timing: the median of this many runs after a warm-up
-    seed: int = 0
-    comparisons: tuple = tuple(COMPARISONS)  # which of COMPARISONS to run
+    models: tuple = setting(tuple(MODELS), "the models whose gradients are compared", item=str, choices=MODELS,
+                            kind="model")
+    dataset: str = setting("mnist", "the dataset the batch is drawn from; digits is bundled")
+    data_dir: str | None = setting(None, DATA_DIR, type=str)
+    # Text A's batch; not a power of 2, so dividing by it rounds.
+    batch_size: int = setting(50, f"examples in the one batch, at most {MAX_BATCH}: the vmap way holds all "
+                              "their gradients at once", at_least=1, at_most=MAX_BATCH)
+    lr: float = setting(0.1, "learning rate of text E's summed-vs-mean SGD step", above=0)
+    repeats: int = setting(3, "timing: the median of this many calls after a warm-up call", at_least=1)
+    seed: int = setting(0, SEED, at_least=0, at_most=SEEDS - 1)
+    comparisons: tuple = setting(tuple(COMPARISONS), "which dtype and matmul precision to compare the ways in",
+                                 item=str, choices=COMPARISONS, kind="comparison")
 
 
 QUICK = dict(dataset="digits", repeats=1)
 
 
 def validate(config: Config) -> None:
-    for name in config.models:
-        get_model(name)
+    check(config)
     data_lib.get_spec(config.dataset)
-    if config.batch_size < 1 or config.repeats < 1:
-        raise JaxbatchError("batch size and repeats must be 1 or more")
-    if not config.lr > 0:
-        raise JaxbatchError(f"learning rate must be greater than 0, got {config.lr}")
-    if not config.comparisons:
-        raise JaxbatchError(f"no comparison to run; choose from: {', '.join(COMPARISONS)}")
-    for name in config.comparisons:
-        if name not in COMPARISONS:
-            raise JaxbatchError(f"unknown comparison {name!r}; choose from: {', '.join(COMPARISONS)}")
 
 
 def data_parallel_ks(batch_size: int, device_count: int) -> tuple[list[int], dict]:
@@ -284,7 +292,7 @@ def run(config: Config, on_progress=None) -> dict:
     """The whole comparison; returns the JSON-able result."""
     on_progress = on_progress or (lambda text: None)
     validate(config)
-    train = data_lib.load(config.dataset, "train", config.data_dir)
+    train = load(config.dataset, "train", config.data_dir)
     data_lib.check_batch_size(config.batch_size, train)
     order = np.random.default_rng(config.seed).permutation(len(train))[: config.batch_size]
     images, labels = train.images[order], train.labels[order]
@@ -295,7 +303,7 @@ def run(config: Config, on_progress=None) -> dict:
         pixels, note = model_batch(model, images)
         models[name] = {"input_shape": list(pixels.shape), "note": note}
         # Initialised once, in float32 (jitted: eager Flax init compiles every op), then cast.
-        params = jax.jit(lambda: init_params(TrainConfig(model=name, seed=config.seed), pixels.shape[1:]))()
+        params = jax.jit(lambda: init_params(model, init_key(config.seed), pixels.shape[1:]))()
         for comparison in config.comparisons:
             models[name][comparison] = compare_model(model, params, pixels, labels, config, comparison, ks,
                                                      on_progress)

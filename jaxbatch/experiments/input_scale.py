@@ -29,11 +29,11 @@ import dataclasses
 import jax
 import numpy as np
 
+from jaxbatch import Diverged, TrainConfig, get_model, init_key, init_params, prepare_data, train_and_evaluate
 from jaxbatch import data as data_lib
-from jaxbatch.errors import JaxbatchError
+from jaxbatch.experiments import DATA_DIR, SEED, SEEDS
 from jaxbatch.experiments.report import format_table, new_figure
-from jaxbatch.models import get_model
-from jaxbatch.train import Diverged, TrainConfig, init_params, prepare_data, train_and_evaluate
+from jaxbatch.settings import check, setting
 
 # row: (label, input scale, lr factor, initial-weight factor, standardise)
 ROWS = {
@@ -48,29 +48,26 @@ ROWS = {
 
 @dataclasses.dataclass
 class Config:
-    model: str = "fc_nobias"
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    epochs: int = 20
-    batch_size: int = 250
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    grad_steps: int = 40  # steps over which per-layer gradient norms are recorded
-    seed: int = 0
+    # Text C's run: its network, data and SGD settings.
+    model: str = setting("fc_nobias", "the network; text C's has two bias-free layers")
+    dataset: str = setting("cifar10", "the dataset; digits is bundled")
+    data_dir: str | None = setting(None, DATA_DIR, type=str)
+    epochs: int = setting(20, "epochs every row trains for", at_least=1)
+    batch_size: int = setting(250, "examples per step", at_least=1)
+    lr: float = setting(0.02, "row (i)'s learning rate; the other rows scale it", above=0)
+    momentum: float = setting(0.9, "SGD momentum", at_least=0)
+    weight_decay: float = setting(1e-4, "SGD weight decay", at_least=0)
+    grad_steps: int = setting(40, "the first steps whose per-layer gradient norms are recorded", at_least=1)
+    seed: int = setting(0, SEED, at_least=0, at_most=SEEDS - 1)
 
 
 QUICK = dict(dataset="digits", epochs=8, batch_size=50, grad_steps=20)
 
 
 def validate(config: Config) -> None:
+    check(config)
     get_model(config.model)
     data_lib.get_spec(config.dataset)
-    for field in ("epochs", "batch_size", "grad_steps"):
-        if getattr(config, field) < 1:
-            raise JaxbatchError(f"{field.replace('_', '-')} must be 1 or more")
-    if not config.lr > 0 or config.momentum < 0 or config.weight_decay < 0:
-        raise JaxbatchError("lr must be greater than 0, momentum and weight decay 0 or more")
 
 
 def row_config(config: Config, row: str) -> TrainConfig:
@@ -85,7 +82,7 @@ def row_config(config: Config, row: str) -> TrainConfig:
 def row_params(train_config: TrainConfig, row: str, image_shape):
     """The model's initialisation, every weight times the row's factor."""
     factor = ROWS[row][3]
-    params = init_params(train_config, image_shape)
+    params = init_params(train_config.model, init_key(train_config.seed), image_shape)
     return jax.tree.map(lambda w: w * factor, params)
 
 
@@ -111,8 +108,7 @@ def gradient_norms(train_config: TrainConfig, params, train, test, steps: int) -
 def run(config: Config, on_progress=None) -> dict:
     on_progress = on_progress or (lambda text: None)
     validate(config)
-    train, test = prepare_data(TrainConfig(model=config.model, dataset=config.dataset, data_dir=config.data_dir,
-                                           batch_size=config.batch_size))
+    train, test = prepare_data(config.dataset, get_model(config.model), config.batch_size, config.data_dir)
     rows = {}
     for row, (label, *_) in ROWS.items():
         train_config = row_config(config, row)

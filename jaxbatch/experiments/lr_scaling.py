@@ -27,12 +27,13 @@ import math
 
 import numpy as np
 
+from jaxbatch import Diverged, TrainConfig, get_model, prepare_data, train_and_evaluate
 from jaxbatch import data as data_lib
 from jaxbatch.errors import JaxbatchError
+from jaxbatch.experiments import DATA_DIR, SEED, SEEDS
 from jaxbatch.experiments.report import format_table, new_figure
-from jaxbatch.models import get_model
 from jaxbatch.optim import OPTIMIZERS
-from jaxbatch.train import Diverged, TrainConfig, train_and_evaluate
+from jaxbatch.settings import check, setting
 
 RULES = ("constant", "linear", "sqrt")
 BUDGETS = ("epochs", "steps")
@@ -45,38 +46,35 @@ def scaled_lr(rule: str, base_lr: float, base_batch: int, batch_size: int) -> fl
 
 @dataclasses.dataclass
 class Config:
-    model: str = "mlp"
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    batch_sizes: tuple = (32, 64, 128, 256, 512, 1024, 2048)
-    base_lr: float = 0.1  # lr_0 (Goyal et al.: 0.1 at batch 256) ...
-    base_batch: int = 256  # ... at batch B_0
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    epochs: int = 3  # the fixed-epochs budget
-    steps: int = 300  # the fixed-steps budget
-    warmup_fraction: float = 0.2  # warm-up over this fraction of a run's steps
-    seeds: int = 3  # each setting is trained with seeds seed, seed+1, ...; the table shows the mean
-    seed: int = 0
+    model: str = setting("mlp", "the network")
+    dataset: str = setting("fashion_mnist", "the dataset; digits is bundled")
+    data_dir: str | None = setting(None, DATA_DIR, type=str)
+    batch_sizes: tuple = setting((32, 64, 128, 256, 512, 1024, 2048), "the batch sizes B", item=int, at_least=1,
+                                 kind="batch size")
+    # Goyal et al.: lr 0.1 at batch 256.
+    base_lr: float = setting(0.1, "lr_0, the learning rate at batch size B_0; the rules scale it", above=0)
+    base_batch: int = setting(256, "B_0, the batch size at which the learning rate is lr_0", at_least=1)
+    optimizer: str = setting("sgd", "the Optax optimiser", choices=OPTIMIZERS, kind="optimizer")
+    momentum: float = setting(0.0, "sgd momentum", at_least=0)
+    epochs: int = setting(3, "the fixed-epochs budget", at_least=1)
+    steps: int = setting(300, "the fixed-steps budget", at_least=1)
+    warmup_fraction: float = setting(0.2, "warm-up over this fraction of a run's steps, between 0 and 1", above=0,
+                                     below=1)
+    seeds: int = setting(3, "each setting trains with seeds seed, seed+1, ...; the table shows the mean",
+                         at_least=1)
+    seed: int = setting(0, SEED, at_least=0, at_most=SEEDS - 1)
 
 
 QUICK = dict(dataset="digits", batch_sizes=(32, 256), base_lr=0.1, base_batch=32, epochs=4, steps=40, seeds=1)
 
 
 def validate(config: Config) -> None:
+    check(config)
     get_model(config.model)
     data_lib.get_spec(config.dataset)
-    if config.optimizer not in OPTIMIZERS:
-        raise JaxbatchError(f"unknown optimizer {config.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-    if not config.batch_sizes or min(config.batch_sizes) < 1:
-        raise JaxbatchError("batch sizes must be 1 or more")
-    for field in ("base_batch", "epochs", "steps", "seeds"):
-        if getattr(config, field) < 1:
-            raise JaxbatchError(f"{field.replace('_', '-')} must be 1 or more")
-    if not config.base_lr > 0:
-        raise JaxbatchError(f"base lr must be greater than 0, got {config.base_lr}")
-    if not 0 < config.warmup_fraction < 1:
-        raise JaxbatchError(f"warm-up fraction must be between 0 and 1, got {config.warmup_fraction}")
+    if config.seed + config.seeds > SEEDS:
+        raise JaxbatchError(f"the last seed, seed + seeds - 1 = {config.seed + config.seeds - 1}, is past "
+                            f"{SEEDS - 1}; pass a smaller {{setting}}", setting="seed")
 
 
 def run_one(config: Config, train, test, batch_size: int, rule: str, warmup: bool, budget: str) -> dict:
@@ -123,10 +121,8 @@ def _accuracy(r: dict) -> str:
 def run(config: Config, on_progress=None) -> dict:
     on_progress = on_progress or (lambda text: None)
     validate(config)
-    train = data_lib.load(config.dataset, "train", config.data_dir)
-    test = data_lib.load(config.dataset, "test", config.data_dir)
-    data_lib.check_batch_size(max(config.batch_sizes), train, "batch_sizes")
-    get_model(config.model).check_image_shape(train.image_shape)
+    train, test = prepare_data(config.dataset, get_model(config.model), max(config.batch_sizes), config.data_dir,
+                               setting="batch_sizes")
     runs, done = [], {}
     for budget in BUDGETS:
         for rule in RULES:

@@ -1,5 +1,6 @@
-"""What every experiment shares: checking its input and its output folder,
-filling the folder, and its printed table.
+"""What every experiment shares: checking its output folder, filling it, and
+its printed table. (Its input is checked by its settings' declarations:
+jaxbatch/settings.py.)
 
 An experiment writes `result.json` and its PNG plots into one folder. All of
 them are written under temporary names first and renamed into place only

@@ -41,48 +41,67 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from jaxbatch import (
+    TrainConfig,
+    batched_loss,
+    get_model,
+    init_key,
+    init_params,
+    input_numbers,
+    load,
+    normalize,
+    per_example_grads,
+    train_and_evaluate,
+)
 from jaxbatch import data as data_lib
 from jaxbatch.errors import JaxbatchError
+from jaxbatch.experiments import DATA_DIR, SEED, SEEDS
 from jaxbatch.experiments.report import format_table, new_figure
-from jaxbatch.losses import batched_loss, per_example_grads
-from jaxbatch.models import get_model
-from jaxbatch.train import TrainConfig, init_params, input_numbers, normalize, train_and_evaluate
+from jaxbatch.settings import check, setting
 
 SAMPLING = ("with_replacement", "without_replacement")
 POINTS = ("init", "after_training")
 
 
+# Sizes that bound memory: every B draws max(min_repeats, samples // B) batches
+# of B indices; a chunk of per-example gradients is chunk x P numbers (the mlp
+# on CIFAR-10 has P = 789,258: 3.2 GB at 1000).
+MAX_SAMPLES, MAX_MIN_REPEATS, MAX_CHUNK = 2**20, 4096, 1000
+
+
 @dataclasses.dataclass
 class Config:
-    model: str = "mlp"
-    datasets: tuple = ("mnist", "fashion_mnist", "cifar10")
-    data_dir: str | None = None
-    batch_sizes: tuple = tuple(2**k for k in range(11))  # 1 ... 1024
-    samples: int = 16384  # examples drawn per batch size: repeats = max(min_repeats, samples // B)
-    min_repeats: int = 32
-    train_epochs: int = 1  # the second point: parameters after this many epochs
-    train_batch_size: int = 128
-    train_lr: float = 0.02  # text C's SGD settings: stable on all three datasets
-    train_momentum: float = 0.9
-    chunk: int = 250  # examples per pass when summing gradients
-    trace_examples: int = 20000  # examples whose own gradients give tr(Sigma) (all, if fewer)
-    seed: int = 0
+    model: str = setting("mlp", "the network whose gradients are measured")
+    datasets: tuple = setting(("mnist", "fashion_mnist", "cifar10"), "the datasets, one plot each", item=str,
+                              choices=data_lib.DATASETS, kind="dataset")
+    data_dir: str | None = setting(None, DATA_DIR, type=str)
+    batch_sizes: tuple = setting(tuple(2**k for k in range(11)), "the batch sizes B: at least two different ones, "
+                                 "to fit the slope through", item=int, at_least=1, kind="batch size")
+    samples: int = setting(16384, f"examples drawn per batch size: repeats = max(min-repeats, samples / B); "
+                           f"at most {MAX_SAMPLES}", at_least=1, at_most=MAX_SAMPLES)
+    min_repeats: int = setting(32, f"the fewest batches drawn per batch size, 2 to {MAX_MIN_REPEATS}: a "
+                               "standard error needs two", at_least=2, at_most=MAX_MIN_REPEATS)
+    train_epochs: int = setting(1, "the second point: the parameters after this many epochs", at_least=1)
+    # Text C's SGD settings: stable on all three datasets.
+    train_batch_size: int = setting(128, "batch size of that training", at_least=1)
+    train_lr: float = setting(0.02, "SGD learning rate of that training", above=0)
+    train_momentum: float = setting(0.9, "momentum of that training", at_least=0)
+    chunk: int = setting(250, f"examples per pass when summing gradients, at most {MAX_CHUNK}: a pass holds "
+                         "their per-example gradients", at_least=1, at_most=MAX_CHUNK)
+    trace_examples: int = setting(20000, "examples whose own gradients give tr(Sigma); all of them if fewer",
+                                  at_least=1)
+    seed: int = setting(0, SEED, at_least=0, at_most=SEEDS - 1)
 
 
 QUICK = dict(datasets=("digits",), batch_sizes=(1, 4, 16, 64, 256, 1024), samples=4096, min_repeats=16)
 
 
 def validate(config: Config) -> None:
+    check(config)
     get_model(config.model)
-    for name in config.datasets:
-        data_lib.get_spec(name)
-    if not config.batch_sizes or min(config.batch_sizes) < 1:
-        raise JaxbatchError("batch sizes must be 1 or more")
     if len(set(config.batch_sizes)) < 2:
-        raise JaxbatchError("give at least two batch sizes to fit a slope")
-    for field in ("samples", "min_repeats", "train_epochs", "train_batch_size", "chunk", "trace_examples"):
-        if getattr(config, field) < 1:
-            raise JaxbatchError(f"{field.replace('_', '-')} must be 1 or more")
+        raise JaxbatchError("give {setting} at least two different batch sizes to fit a slope",
+                            setting="batch_sizes")
 
 
 # ---- the full gradient and the variance of one example's gradient ----------
@@ -201,10 +220,11 @@ def measure_point(squared_errors, params, g, tr_sigma, n, config: Config, rng) -
 
 
 def run_dataset(name: str, config: Config, on_progress) -> dict:
-    train = data_lib.load(name, "train", config.data_dir)
-    test = data_lib.load(name, "test", config.data_dir)
+    train = load(name, "train", config.data_dir)
+    test = load(name, "test", config.data_dir)
     n = len(train)
     data_lib.check_batch_size(max(config.batch_sizes), train, "batch_sizes")
+    data_lib.check_batch_size(config.train_batch_size, train, "train_batch_size")
     model = get_model(config.model)
     model.check_image_shape(train.image_shape)
     train_config = TrainConfig(model=config.model, dataset=name, epochs=config.train_epochs,
@@ -212,7 +232,7 @@ def run_dataset(name: str, config: Config, on_progress) -> dict:
                                momentum=config.train_momentum, seed=config.seed)
     on_progress(f"{name}: training {config.model} for {config.train_epochs} epoch(s)")
     trained = train_and_evaluate(train_config, train_ds=train, test_ds=test)
-    params = {"init": init_params(train_config, train.image_shape), "after_training": trained.params}
+    params = {"init": init_params(model, init_key(config.seed), train.image_shape), "after_training": trained.params}
     gradient_moments = make_gradient_moments(model.apply, train.images, train.labels, config.chunk,
                                              config.trace_examples, config.seed)
     squared_errors = make_squared_errors(model.apply, train.images, train.labels)
