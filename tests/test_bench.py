@@ -156,12 +156,14 @@ def test_out_of_memory_errors_are_recognised():
 
 @pytest.mark.parametrize("field, value, message", [
     ("models", ("resnet",), "unknown model 'resnet'"),
-    ("batch_sizes", (32, 0), "batch size must be a whole number of 1 or more, got 0"),
-    ("batch_sizes", (2.5,), "batch size must be a whole number"),
-    ("batch_sizes", (), "no batch size"),
+    ("batch_sizes", (32, 0), "^batch_sizes must be 1 or more, got 0$"),
+    ("batch_sizes", (2.5,), "batch_sizes expected a whole number, got 2.5"),
+    ("batch_sizes", (), "batch_sizes must list at least one batch size"),
     ("methods", ("magic",), "unknown method 'magic'"),
-    ("torch_threads", (0,), "torch threads must be whole numbers"),
+    ("torch_threads", (0,), "^torch_threads must be 1 or more, got 0$"),
     ("epochs", ("no-such-recipe",), "unknown recipe"),
+    ("memory_fraction", 2.0, "^memory_fraction must be 1 or less, got 2$"),
+    ("chunk", 0, "^chunk must be 1 or more, got 0$"),
 ])
 def test_bad_configs_fail_before_compiling(field, value, message):
     with pytest.raises(JaxbatchError, match=message):
@@ -170,8 +172,14 @@ def test_bad_configs_fail_before_compiling(field, value, message):
 
 @pytest.mark.parametrize("argv, message", [
     (["--models", "resnet"], "unknown model 'resnet'; choose one of: mlp"),
-    (["--batch-sizes", "32,0"], "impossible batch size '0'"),
-    (["--batch-sizes", "8,big"], "impossible batch size 'big'"),
+    (["--batch-sizes", "32,0"], "argument --batch-sizes: must be 1 or more, got 0"),
+    (["--batch-sizes", "8,big"], "argument --batch-sizes: expected comma-separated int values, got '8,big'"),
+    (["--batch-sizes", "0,4"], "argument --batch-sizes: must be 1 or more, got 0"),
+    (["--memory-fraction", "2"], "argument --memory-fraction: must be 1 or less, got 2"),
+    (["--memory-fraction", "0"], "argument --memory-fraction: must be greater than 0, got 0"),
+    (["--min-time", "-1"], "argument --min-time: must be 0 or more, got -1"),
+    (["--devices", "0"], "argument --devices: impossible device count '0': must be 1 or more, got 0"),
+    (["--epochs", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
 ])
 def test_cli_errors_are_one_line_and_write_nothing(argv, message, tmp_path, capsys):
     out = tmp_path / "results"
@@ -182,6 +190,17 @@ def test_cli_errors_are_one_line_and_write_nothing(argv, message, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "\n" not in err
     assert not out.exists()
+
+
+def test_empty_tuples_mean_none_and_quick_sets_its_values():
+    from jaxbatch.bench.run import QUICK
+    from jaxbatch.cli import build_parser
+    from jaxbatch.cli.bench import build_config
+
+    validate(BenchConfig(models=("mlp",), torch_threads=(), devices=(), epochs=()))
+    config = build_config(build_parser().parse_args(["bench", "--quick", "--epochs", "none", "--min-time", "0"]))
+    assert config.epochs == () and config.min_time_s == 0 and config.batch_sizes == QUICK["batch_sizes"]
+    assert build_config(build_parser().parse_args(["bench"])) == BenchConfig()
 
 
 def test_cli_writes_json_markdown_and_plots(tmp_path, capsys):

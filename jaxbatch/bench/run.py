@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbatch import data as data_lib
+from jaxbatch import settings
 from jaxbatch.bench import scaling
 from jaxbatch.bench import torch_twins as tt
 from jaxbatch.bench.measure import (compile_step, describe_device, is_out_of_memory, jax_matmul_peak,
@@ -41,6 +42,7 @@ from jaxbatch.machine import time_calls
 from jaxbatch.models import get_model
 from jaxbatch.precision import highest_precision, matmul_precision, relative_difference
 from jaxbatch.recipes import get_recipe
+from jaxbatch.settings import setting
 from jaxbatch.train import TrainConfig, train_and_evaluate
 
 SCHEMA = "jaxbatch-bench/1"
@@ -53,62 +55,55 @@ EPOCH_RECIPES = ("mlp-fashion", "cnn-mnist")
 ROTATIONS = 3  # different input batches cycled through while timing
 
 
+# Settings whose empty tuple () means "none" (no thread counts to try, no
+# scaling, no epochs): `validate` checks them as unset when empty.
+NONE_WHEN_EMPTY = ("torch_threads", "epochs", "devices")
+
+
 @dataclasses.dataclass
 class BenchConfig:
-    models: tuple = DEFAULT_MODELS
-    batch_sizes: tuple = DEFAULT_BATCH_SIZES
-    methods: tuple = METHODS
-    chunk: int = 32  # examples per chunk of per_example_chunked
-    loop_max_batch: int = 32  # the Python loop runs only up to this batch size
-    torch: bool = False  # also time the PyTorch twins
-    # PyTorch intra-op thread counts to try per case, keeping the fastest; () = PyTorch's default.
+    models: tuple = setting(DEFAULT_MODELS, "models to benchmark", choices=tuple(IMAGE_SHAPES), kind="model")
+    batch_sizes: tuple = setting(DEFAULT_BATCH_SIZES, "batch sizes to time", item=int, at_least=1,
+                                 kind="batch size")
+    methods: tuple = setting(METHODS, "gradient methods to time", choices=METHODS, kind="method")
+    chunk: int = setting(32, "examples per chunk in per_example_chunked", at_least=1)
+    loop_max_batch: int = setting(32, "largest batch for the Python loop", at_least=0)
+    torch: bool = setting(False, "also time the PyTorch twins (needs torch installed)")
     # On a busy machine 2 OpenMP threads can be 30x slower than 1; trying both is fair to PyTorch.
-    torch_threads: tuple = ()
-    epochs: tuple = EPOCH_RECIPES  # recipes whose training epoch is timed; () for none
-    data_dir: str | None = None
-    warmup: int = 2
-    min_repeats: int = 5
-    max_repeats: int = 100
-    min_time_s: float = 1.0
-    # A case whose compiled step needs more than this share of the device's memory is skipped.
-    memory_fraction: float = 0.5
-    seed: int = 0
-    # Device counts K for weak and strong scaling (scaling.py); () for none.
-    devices: tuple = ()
+    torch_threads: tuple = setting((), "PyTorch thread counts to try per case, keeping the fastest, e.g. 1,2 "
+                                   "(default: PyTorch's own)", item=int, at_least=1, optional=True,
+                                   kind="thread count")
+    epochs: tuple = setting(EPOCH_RECIPES, "training recipes to time one epoch of, or 'none'; needs the datasets",
+                            item=str, optional=True, kind="recipe")
+    data_dir: str | None = setting(None, "folder holding <dataset>/ files, for the epochs", type=str)
+    warmup: int = setting(2, "untimed calls per case first", at_least=0)
+    min_repeats: int = setting(5, "timed calls per case at least", at_least=1)
+    max_repeats: int = setting(100, "timed calls per case at most", at_least=1)
+    min_time_s: float = setting(1.0, "seconds of timed calls per case at least", at_least=0)
+    memory_fraction: float = setting(0.5, "skip a case whose compiled step needs more than this share of the "
+                                     "device's memory", above=0, at_most=1)
+    seed: int = setting(0, "seed of the parameters and input batches", at_least=0)
+    devices: tuple = setting((), "device counts K for weak scaling (each batch size per device) and strong "
+                             "scaling (each batch size split over K), e.g. 1,2,4; K = 1, the reference, is always "
+                             "measured (default: no scaling)", item=int, at_least=1, optional=True,
+                             kind="device count")
+
+
+# A few minutes' run: two batch sizes, fewer repeats, no epochs.
+QUICK = dict(batch_sizes=(32, 256), min_repeats=3, max_repeats=20, min_time_s=0.3, epochs=())
 
 
 def quick_config(**overrides) -> BenchConfig:
     """A few minutes' run: two batch sizes, fewer repeats, no epochs."""
-    return BenchConfig(**{**dict(batch_sizes=(32, 256), min_repeats=3, max_repeats=20, min_time_s=0.3, epochs=()),
-                          **overrides})
-
-
-def _whole(n) -> bool:
-    return not isinstance(n, bool) and isinstance(n, (int, np.integer)) and n >= 1
+    return BenchConfig(**{**QUICK, **overrides})
 
 
 def validate(config: BenchConfig) -> None:
-    """Reject a bad configuration before anything is compiled."""
-    if not config.models:
-        raise JaxbatchError("no model to benchmark; pass --models, e.g. --models mlp,cnn")
+    """Reject a bad configuration before anything is compiled: each setting
+    by its declaration, then the rules that need code."""
+    settings.check(dataclasses.replace(config, **{n: None for n in NONE_WHEN_EMPTY if getattr(config, n) == ()}))
     for name in config.models:
         get_model(name)
-        if name not in IMAGE_SHAPES:
-            raise JaxbatchError(f"model {name!r} has no benchmark input shape; choose from: {', '.join(IMAGE_SHAPES)}")
-    if not config.batch_sizes:
-        raise JaxbatchError("no batch size to benchmark; pass --batch-sizes, e.g. --batch-sizes 32,256")
-    for b in config.batch_sizes:
-        if not _whole(b):
-            raise JaxbatchError(f"batch size must be a whole number of 1 or more, got {b!r}")
-    for m in config.methods:
-        if m not in METHODS:
-            raise JaxbatchError(f"unknown method {m!r}; choose from: {', '.join(METHODS)}")
-    if not all(map(_whole, config.torch_threads)):
-        raise JaxbatchError(f"torch threads must be whole numbers of 1 or more, got {config.torch_threads}")
-    if config.chunk < 1 or config.loop_max_batch < 0:
-        raise JaxbatchError("chunk must be 1 or more and loop-max-batch 0 or more")
-    if not 0 < config.memory_fraction <= 1:
-        raise JaxbatchError(f"memory fraction must be in (0, 1], got {config.memory_fraction}")
     if config.devices:
         if not scaling.scaling_methods(config.methods):
             raise JaxbatchError(f"scaling across --devices needs one of the methods {', '.join(STEPS)} in --methods")

@@ -5,37 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxbatch.cli import positive_float, positive_int
-
-
-def comma_list(text: str) -> tuple[str, ...]:
-    items = tuple(s.strip() for s in text.split(",") if s.strip())
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    return items
-
-
-def batch_sizes_like(what: str):
-    """A parser of comma-separated whole numbers >= 1, naming `what` in errors."""
-
-    def parse(text: str) -> tuple[int, ...]:
-        values = []
-        for item in comma_list(text):
-            try:
-                values.append(positive_int(item))
-            except argparse.ArgumentTypeError as err:
-                raise argparse.ArgumentTypeError(f"impossible {what} {item!r}: {err}")
-        return tuple(values)
-
-    return parse
-
-
-batch_sizes = batch_sizes_like("batch size")
-
 
 def add_parser(sub) -> None:
-    from jaxbatch.bench.methods import METHODS
-    from jaxbatch.bench.run import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, EPOCH_RECIPES
+    from jaxbatch import settings
+    from jaxbatch.bench.run import NONE_WHEN_EMPTY, QUICK, BenchConfig
 
     p = sub.add_parser(
         "bench", help="time per-example vs batched gradients (and PyTorch with --torch)",
@@ -43,28 +16,20 @@ def add_parser(sub) -> None:
         "median step time, examples/s, XLA's FLOPs as a share of the measured matmul peak, compiled peak "
         "memory), then whole training epochs. Writes <name>.json, <name>.md and two PNG plots. "
         "Runs unchanged on CPU, GPU and TPU.")
-    p.add_argument("--models", type=comma_list, default=DEFAULT_MODELS,
-                   help=f"comma-separated (default {','.join(DEFAULT_MODELS)})")
-    p.add_argument("--batch-sizes", type=batch_sizes, default=None,
-                   help=f"comma-separated (default {','.join(map(str, DEFAULT_BATCH_SIZES))}; --quick: 32,256)")
-    p.add_argument("--methods", type=comma_list, default=METHODS, help=f"comma-separated from {','.join(METHODS)}")
-    p.add_argument("--devices", type=batch_sizes_like("device count"), default=(),
-                   help="device counts K for weak scaling (each batch size per device) and strong scaling (each "
-                   "batch size split over K), e.g. 1,2,4; K = 1, the reference, is always measured "
-                   "(default: no scaling)")
     p.add_argument("--quick", action="store_true", help="batch sizes 32,256, fewer repeats, no epochs: a few minutes")
-    p.add_argument("--torch", action="store_true", help="also time the PyTorch twins (needs torch installed)")
-    p.add_argument("--torch-threads", type=batch_sizes_like("thread count"), default=(),
-                   help="PyTorch thread counts to try per case, keeping the fastest, e.g. 1,2 "
-                   "(default: PyTorch's own)")
-    p.add_argument("--epochs", type=comma_list, default=None,
-                   help=f"training recipes to time one epoch of, or 'none' (default {','.join(EPOCH_RECIPES)}; "
-                   "--quick: none); needs the datasets")
-    p.add_argument("--data-dir", help="folder holding <dataset>/ files, for the epochs")
-    p.add_argument("--chunk", type=positive_int, default=32, help="examples per chunk in per_example_chunked")
-    p.add_argument("--loop-max-batch", type=positive_int, default=32, help="largest batch for the Python loop")
-    p.add_argument("--min-repeats", type=positive_int, help="timed calls per case at least (default 5; --quick 3)")
-    p.add_argument("--min-time", type=positive_float, help="seconds of timed calls per case at least (default 1)")
+    # Every setting's flag, help and valid range, from its declaration in BenchConfig; min_time_s keeps
+    # its flag --min-time, parsed by the same declaration.
+    settings.add_flags(p, BenchConfig, skip=("min_time_s", "devices"), presets={"--quick": QUICK})
+    devices = declared_field(BenchConfig, "devices")
+    p.add_argument("--devices", default=None, type=each_item(devices.metadata), help=devices.metadata["help"])
+    for action in p._actions:  # an empty tuple's default reads "none"
+        if action.dest in NONE_WHEN_EMPTY:
+            action.help = action.help.replace("; default )", ")").replace("--quick: )", "--quick: none)")
+    field = declared_field(BenchConfig, "min_time_s")
+    p.add_argument("--min-time", dest="min_time_s", default=None, metavar="SECONDS",
+                   type=lambda text: settings.parse(text, field.metadata),
+                   help=f"{field.metadata['help']} (default {settings.show(field.default)}; "
+                   f"--quick: {settings.show(QUICK['min_time_s'])})")
     p.add_argument("--out", default="runs/bench", help="folder for the results (default runs/bench)")
     p.add_argument("--name", help="file name stem (default: the device, e.g. cpu-amd-epyc-2core)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -72,20 +37,36 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def declared_field(cls, name: str):
+    from jaxbatch.settings import declared
+
+    return next(f for f in declared(cls) if f.name == name)
+
+
+def each_item(meta):
+    """A tuple setting's flag parser that names the item at fault: "impossible
+    device count '0': must be 1 or more, got 0"."""
+    from jaxbatch.settings import parse
+
+    def parse_items(text: str) -> tuple:
+        items = [part.strip() for part in text.split(",") if part.strip()]
+        for item in items:
+            try:
+                parse(item, {**meta, "type": meta["item"], "optional": False})
+            except argparse.ArgumentTypeError as err:
+                raise argparse.ArgumentTypeError(f"impossible {meta['kind']} {item!r}: {err}")
+        return parse(text, meta)  # the tuple's own rules (at least one item)
+
+    return parse_items
+
+
 def build_config(args):
     from jaxbatch.bench.run import BenchConfig, quick_config
+    from jaxbatch.settings import given
 
-    fields = dict(models=args.models, methods=args.methods, torch=args.torch, torch_threads=args.torch_threads,
-                  data_dir=args.data_dir, devices=args.devices,
-                  chunk=args.chunk, loop_max_batch=args.loop_max_batch)
-    if args.batch_sizes is not None:
-        fields["batch_sizes"] = args.batch_sizes
-    if args.epochs is not None:
-        fields["epochs"] = () if args.epochs == ("none",) else args.epochs
-    if args.min_repeats is not None:
-        fields["min_repeats"] = args.min_repeats
-    if args.min_time is not None:
-        fields["min_time_s"] = args.min_time
+    fields = given(args, BenchConfig)
+    if fields.get("epochs") == ("none",):
+        fields["epochs"] = ()
     return quick_config(**fields) if args.quick else BenchConfig(**fields)
 
 
