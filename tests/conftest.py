@@ -54,6 +54,28 @@ def real_data_dir():
 LONGEST_FIRST = ("test_parallel.py", "test_resume.py", "test_bench.py", "test_privacy.py", "test_experiments.py")
 
 
-def pytest_collection_modifyitems(items):
+# The fast tier leaves these out: tests/slow_tests.txt names each test (or
+# whole module) measured at 3 s or more in a cold run.
+SLOW_LIST = Path(__file__).resolve().parent / "slow_tests.txt"
+
+
+def slow_ids() -> set[str]:
+    lines = (line.strip() for line in SLOW_LIST.read_text().splitlines())
+    return {line for line in lines if line and not line.startswith("#")}
+
+
+def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+    slow, used = slow_ids(), set()
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        for key in (item.nodeid, module):
+            if key in slow:
+                item.add_marker(pytest.mark.slow)
+                used.add(key)
+    # A renamed or removed test must not leave a line that silently marks nothing.
+    modules = {item.nodeid.split("::")[0] for item in items}
+    stale = sorted(key for key in slow - used if key.split("::")[0] in modules)
+    if stale and not config.getoption("keyword") and not config.getoption("-k", default=""):
+        raise pytest.UsageError(f"tests/slow_tests.txt names tests that do not exist: {', '.join(stale[:5])}")
