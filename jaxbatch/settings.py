@@ -142,18 +142,14 @@ def parse(text: str, meta):
     """A flag's text -> its value, checked by the same rule as `check`.
     A tuple's text is comma-separated: "1,2,4" -> (1, 2, 4)."""
     t = meta["type"]
-    if t is tuple:
-        try:
-            value = tuple(meta["item"](part.strip()) for part in text.split(",") if part.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {meta['item'].__name__} values, got {text!r}")
-        wrong = problem(value, meta)
-        if wrong:
-            raise argparse.ArgumentTypeError(wrong)
-        return value
     try:
-        value = t(text)
+        if t is tuple:
+            value = tuple(meta["item"](part.strip()) for part in text.split(",") if part.strip())
+        else:
+            value = t(text)
     except ValueError:
+        if t is tuple:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {meta['item'].__name__} values, got {text!r}")
         raise argparse.ArgumentTypeError(f"expected a {'whole number' if t is int else 'number'}, got {text!r}")
     wrong = problem(value, meta)
     if wrong:
