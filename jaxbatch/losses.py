@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbatch import ghost
+from jaxbatch.chunks import chunked_sum
 from jaxbatch.devices import BY_EXAMPLE, SHARED, per_device
 
 
@@ -163,10 +164,16 @@ def data_parallel_grad(apply_fn, params, xs, ys, mesh, loss_fn=cross_entropy):
     So K workers with B/K examples each compute the gradient of one batch of
     B. (Training does the same without saying so: `train.run_chunk` is jitted
     with the batch split along "data" and XLA inserts this all-reduce.)"""
-    def own(p, x, y):
-        return jax.lax.pmean(batched_grad(apply_fn, p, x, y, loss_fn), "data")
+    return data_parallel(lambda p, x, y: batched_grad(apply_fn, p, x, y, loss_fn), mesh)(params, xs, ys)
 
-    return per_device(own, mesh, SHARED)(params, xs, ys)
+
+def data_parallel(grad_fn, mesh):
+    """`grad_fn(params, xs, ys) -> mean gradient` on each device of `mesh` with
+    its own share of the batch, the K means then averaged (`lax.pmean`, an
+    all-reduce): with equal shares, the mean gradient of the whole batch.
+    `data_parallel_grad` is this with the batched gradient; the benchmark's
+    scaling runs it with every method's step (jaxbatch/bench/scaling.py)."""
+    return per_device(lambda p, x, y: jax.lax.pmean(grad_fn(p, x, y), "data"), mesh, SHARED)
 
 
 # ---- where the ways part: per-example clipping (DP-SGD) ---------------------
@@ -264,8 +271,8 @@ def clipped_grad_sum(apply_fn, params, xs, ys, clip, weights=None, loss_fn=cross
     batched backward pass of sum_i c_i l_i with the factors c_i held
     constant. Either way no g_i is ever formed.
     method "vmap": the definition, every g_i formed (jax.vmap(jax.grad)),
-    scaled and summed; with `chunk`, `chunk` examples at a time under
-    lax.scan, so only chunk x (number of parameters) gradient entries exist at
+    scaled and summed; with `chunk`, `chunk` examples at a time
+    (jaxbatch/chunks.py), so only chunk x (number of parameters) gradient entries exist at
     once, not B x. All give the same sum, added in other orders (equal to
     rounding)."""
     b = xs.shape[0]
@@ -279,20 +286,10 @@ def clipped_grad_sum(apply_fn, params, xs, ys, clip, weights=None, loss_fn=cross
         scale = jax.lax.stop_gradient(weights * clip_factors(norms, clip)).astype(losses.dtype)
         total = jax.grad(lambda p: jnp.sum(scale * jax.vmap(loss_fn)(apply_fn(p, xs), ys)))(params)
         return total, {"norms": norms, "losses": losses, "outputs": outputs}
-    if chunk is None or chunk >= b:
-        return _clipped_sum_one_chunk(apply_fn, params, xs, ys, weights, clip, loss_fn)
-    pad = -b % chunk  # weight-0 examples to fill the last chunk
-    grow = lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
-    split = lambda a: grow(a).reshape(-1, chunk, *a.shape[1:])
+    def one_chunk(arrays, w):
+        return _clipped_sum_one_chunk(apply_fn, params, *arrays, w, clip, loss_fn)
 
-    def body(total, part):
-        x, y, w = part
-        s, per_example = _clipped_sum_one_chunk(apply_fn, params, x, y, w, clip, loss_fn)
-        return jax.tree.map(jnp.add, total, s), per_example
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    total, per_example = jax.lax.scan(body, zeros, (split(xs), split(ys), split(weights)))
-    return total, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:b], per_example)
+    return chunked_sum(one_chunk, chunk or b, (xs, ys), weights)
 
 
 def clipped_mean_grad(apply_fn, params, xs, ys, clip, loss_fn=cross_entropy, chunk=None, method="auto"):

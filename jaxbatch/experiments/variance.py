@@ -133,6 +133,9 @@ def make_gradient_moments(apply_fn, images, labels, chunk: int, examples: int, s
                           for gi, gl in zip(jax.tree.leaves(grads), jax.tree.leaves(g)))
         return weights @ per_example
 
+    # A dataset's sum, not a batch's: the chunks' sums are added on the host in
+    # float64 (tens of thousands of gradients), so not with jaxbatch/chunks.py,
+    # whose running sum stays on the device in the parameters' dtype.
     def chunks(order):
         """`order` in chunks of `chunk`; the last wraps around, its repeats weigh 0."""
         for start in range(0, len(order), chunk):

@@ -1,0 +1,53 @@
+"""A batch summed a chunk of examples at a time, inside one compiled step.
+
+Per-example work holds one result per example: B gradients of P numbers each
+when every g_i is formed. Taking the batch `chunk` examples at a time and
+adding the chunks' sums as they come holds `chunk` of them and one running
+sum instead: gradient accumulation, over examples. This is the one helper for
+it; DP-SGD's clipped sum with `--dp-chunk` (losses.clipped_grad_sum) and the
+benchmark's `per_example_chunked` (bench/methods.py) both call it.
+
+    chunked_sum(fn, chunk, arrays, weights)
+        = sum over chunks c of fn(arrays[c], weights[c])[0],
+          with fn(...)[1], the per-example results, laid end to end.
+
+The batch is padded to whole chunks with weight-0 examples (fn must drop
+them by their weight), so every chunk has one shape and compiles once. The
+chunks run in one `lax.scan`; how it runs comes from jaxbatch/backends.py:
+rolled, except where the backend runs convolutions badly inside a loop body
+(XLA:CPU), where a body with a convolution is unrolled.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxbatch import backends
+
+
+def chunked_sum(fn, chunk: int, arrays: tuple, weights):
+    """(summed pytree, per-example pytree) of fn(arrays, weights) over the batch,
+    `chunk` examples per call; `arrays` are the batch's arrays (leading axis
+    B), `weights` their (B,) weights. To be called inside jit."""
+    b = weights.shape[0]
+    if chunk >= b:
+        return fn(arrays, weights)
+    pad = -b % chunk  # weight-0 examples that fill the last chunk
+
+    def split(a):
+        if pad:
+            a = jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)])
+        return a.reshape(-1, chunk, *a.shape[1:])
+
+    parts = (tuple(split(a) for a in arrays), split(weights))
+    first = jax.tree.map(lambda a: a[0], parts)
+    total_shape, _ = jax.eval_shape(fn, *first)
+
+    def add(total, part):
+        s, per_example = fn(*part)
+        return jax.tree.map(jnp.add, total, s), per_example
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), total_shape)
+    total, per_example = jax.lax.scan(add, zeros, parts, unroll=backends.unroll_loop(fn, *first))
+    return total, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:b], per_example)
