@@ -27,6 +27,7 @@ def two_devices(tmp_path_factory):
         from jaxbatch.models import get_model
         from jaxbatch.precision import highest_precision, relative_difference
         from jaxbatch.devices import data_mesh
+        from jaxbatch.losses import data_parallel
 
         config = BenchConfig(models=("mlp",), batch_sizes=(2,), methods=("batched", "per_example_chunked"),
                              devices=(2,), min_repeats=1, max_repeats=2, min_time_s=0.0, warmup=1, epochs=())
@@ -44,7 +45,7 @@ def two_devices(tmp_path_factory):
         params = some_params(cnn)
         xs, ys = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1)), jnp.arange(2)
         with highest_precision():
-            split = scaling.data_parallel(make_step("per_example", cnn.apply), data_mesh(2))
+            split = data_parallel(make_step("per_example", cnn.apply), data_mesh(2))
             reference = make_step("batched", cnn.apply)(params, xs, ys)
             cnn_rel = relative_difference(jax.jit(split)(params, xs, ys), reference)
         print(json.dumps({"section": scaling.section(config, rows, "cpu"), "events": len(events),

@@ -1,12 +1,7 @@
-"""How a figure is measured, and on what: compile time, FLOPs, memory, the
-matmul peak, out-of-memory skips; the device and the software versions.
-
-Step times come from `jaxbatch.machine.time_calls`, the one timing loop the
-experiments use too (median of repeated waited-for calls, inputs rotating).
-FLOPs come from XLA's cost analysis of the compiled step, so they count what
-XLA runs, not a formula; memory from its memory analysis. Fractions of peak
-are against a dense float32 matrix product timed in the same run, median
-against median. Nothing assumes a CPU: the device is `jax.devices()[0]`.
+"""How a figure is measured, and on what. FLOPs come from XLA's cost analysis of
+the compiled step, so they count what XLA runs, not a formula; memory from its
+memory analysis; step times from `jaxbatch.machine.time_calls`, the timing loop
+the experiments use too. Nothing assumes a CPU: the device is `jax.devices()[0]`.
 """
 
 from __future__ import annotations
@@ -33,11 +28,10 @@ class Compiled(NamedTuple):
 
 
 def compile_step(fn: Callable, *example_args) -> Compiled:
-    """jit, lower and compile `fn` for these argument shapes; time it and read
-    XLA's cost and memory analyses. A jitted function (or a functools.partial
-    of one, as `methods.make_step` returns) is lowered through its own jit,
-    whose compilations its calls share: a chunk shape shared by two batch
-    sizes compiles once (the second compile_s is the cache lookup)."""
+    """Lower and compile `fn` for these argument shapes, timed. A jitted function
+    (or a functools.partial of one, as `methods.make_step` returns) is lowered
+    through its own jit, whose compilations its calls share: a case repeating
+    earlier shapes records the cache lookup as its compile_s."""
     t0 = time.perf_counter()
     if isinstance(fn, functools.partial) and hasattr(fn.func, "lower"):
         lowered = fn.func.lower(*fn.args, *example_args, **fn.keywords)
@@ -49,8 +43,7 @@ def compile_step(fn: Callable, *example_args) -> Compiled:
 
 
 def xla_flops(executable) -> float | None:
-    """FLOPs per call from XLA's cost analysis (None if the backend gives none).
-    A loop body (lax.map, scan) is counted once, not once per trip."""
+    """FLOPs per call (None if the backend gives none). A loop body (lax.map, scan) counts once, not per trip."""
     try:
         cost = executable.cost_analysis()
     except Exception:  # some backends do not implement it
@@ -80,8 +73,7 @@ def timing_settings(config) -> dict:
 
 
 def matmul_peak(matmul: Callable, pairs: list, sync: Callable, **timing) -> dict:
-    """FLOP/s of n x n x n float32 products (2 n^3 FLOPs): `flops_per_s` from
-    the fastest call, `flops_per_s_median` from the median."""
+    """FLOP/s of n x n x n float32 products (2 n^3 FLOPs), from the fastest call and from the median."""
     n = pairs[0][0].shape[0]
     t = time_calls(matmul, pairs, sync, **timing)
     return {"size": n, "median_s": t.median_s, "min_s": t.min_s,
@@ -96,8 +88,7 @@ def jax_matmul_peak(n: int, **timing) -> dict:
 
 
 def unless_out_of_memory(run: Callable[[], dict], skipped: Callable[[str], dict]) -> dict:
-    """run(), or skipped(reason) when the device runs out of memory on the
-    way; any other error is a bug and propagates."""
+    """run(), or skipped(reason) when the device runs out of memory; any other error is a bug and propagates."""
     try:
         return run()
     except Exception as err:
@@ -115,8 +106,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def describe_device() -> dict:
-    """Platform, name, count and memory of the JAX devices, plus the host CPU
-    (on a CPU backend it is the device; on a GPU it still feeds it)."""
+    """The JAX devices, plus the host CPU (on a CPU backend it is the device; on a GPU it still feeds it)."""
     device = jax.devices()[0]
     return {"platform": device.platform, "name": cpu_model() if device.platform == "cpu" else device.device_kind,
             "device_kind": device.device_kind, "device_count": jax.device_count(), "host_cpu": cpu_model(),
@@ -131,17 +121,15 @@ def device_memory_bytes(device) -> int | None:
         stats = None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
-    if device.platform == "cpu":
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if device.platform == "cpu" else None
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def software_versions(with_torch: bool = False) -> dict:
-    """Versions of what timed the run; PyTorch's only when it was timed too
-    (importing it takes seconds, and its version says nothing about a JAX-only run)."""
+    """Versions of what timed the run. PyTorch's only when it was timed too: importing it
+    takes seconds, and its version says nothing about a JAX-only run."""
     versions = {"python": sys.version.split()[0]}
     for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
         versions[name] = importlib.import_module(name).__version__

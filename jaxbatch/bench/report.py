@@ -1,7 +1,6 @@
-"""Turning a benchmark record into files: JSON, a markdown report, PNG plots,
-and the targets the figures are held to (docs/bench.md). Every file is
-written to a temporary name and renamed into place, so an interrupted run
-leaves no half-written result.
+"""A benchmark record as files (JSON, markdown, PNG plots), and the targets of
+docs/bench.md it is held to. Each file is written to a temporary name and
+renamed, so an interrupted run leaves no half-written result.
 """
 
 from __future__ import annotations
@@ -37,20 +36,16 @@ def find(record: dict, model: str, batch_size: int, method: str, framework: str 
 
 
 def ratio(record, model, batch_size, method, base="batched", framework="jax", base_framework="jax", key="step_s"):
-    """step time of `method` / step time of `base` (same model and batch size), or None.
+    """Step time of `method` / step time of `base` at the same model and batch size, or None;
     key="step_s_min" compares the fastest calls instead of the medians."""
     a = find(record, model, batch_size, method, framework)
     b = find(record, model, batch_size, base, base_framework)
     return a[key] / b[key] if a and b else None
 
 
-# ---- targets -----------------------------------------------------------------
-
-
 def check_targets(record: dict) -> list[dict]:
-    """The targets of docs/bench.md, each with its measured figure (from the
-    median times; `measured_min` from the fastest calls) and whether it was
-    met (None when the run did not measure it)."""
+    """The targets of docs/bench.md, each with its figure from the median times (`measured_min`
+    from the fastest calls) and whether it was met (None when the run did not measure it)."""
     rows, b, platform = [], TARGET_BATCH, record["device"]["platform"]
     models = models_of(ok_rows(record))
     sizes = sorted({r["batch_size"] for r in ok_rows(record)})
@@ -99,12 +94,9 @@ def format_targets(record: dict) -> list[str]:
     for t in check_targets(record):
         met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         measured = "-" if t["measured"] is None else f"{t['measured']:.3g}"
-        fastest = "" if t.get("measured_min") is None else f" (fastest calls: {t['measured_min']:.3g})"
+        fastest = "" if t["measured_min"] is None else f" (fastest calls: {t['measured_min']:.3g})"
         lines.append(f"{met:>12}  {measured:>8} (limit {t['limit']})  {t['target']}{fastest}")
     return lines
-
-
-# ---- markdown ----------------------------------------------------------------
 
 
 _FORMATS = {
@@ -125,22 +117,23 @@ def _fmt(value, kind):
 
 def to_markdown(record: dict) -> str:
     dev, sw, peak = record["device"], record["software"], record["matmul_peak"]
+    torch = f", torch {sw['torch']} ({sw.get('torch_threads')} threads)" if sw.get("torch") else ""
+    xla_flags = f"; XLA_FLAGS `{sw['xla_flags']}`" if sw.get("xla_flags") else ""
+    peaks = [f"{label} {peak[fw]['flops_per_s_median'] / 1e9:.0f} ({peak[fw]['flops_per_s'] / 1e9:.0f}) GFLOP/s"
+             for fw, label in (("jax", "JAX"), ("torch", "PyTorch")) if fw in peak]
     lines = [f"# jaxbatch bench: {dev['platform'].upper()} {dev['name']}", "",
              f"- device: {dev['platform']} `{dev['name']}` x{dev['device_count']}; host CPU `{dev['host_cpu']}`, "
              f"{dev['host_cores']} cores ({', '.join(dev['cpu_flags']) or 'no AVX'})",
              f"- software: jax {sw['jax']}, jaxlib {sw['jaxlib']}, flax {sw['flax']}, optax {sw['optax']}"
-             + (f", torch {sw['torch']} ({sw.get('torch_threads')} threads)" if sw.get("torch") else "")
-             + (f"; XLA_FLAGS `{sw['xla_flags']}`" if sw.get("xla_flags") else ""),
+             f"{torch}{xla_flags}",
              f"- run: {record['created_utc']}, {record['total_s']:.0f} s; load average at start "
              f"{_fmt(record.get('load_average_start'), 'load')}, at end {_fmt(record.get('load_average_end'), 'load')}"]
     if record.get("precision"):  # records before it was kept lack it
         lines.append(f"- float32 matmul precision: steps timed at `{record['precision']['matmul_precision']}` "
                      f"({record['precision']['float32_matmul_means']}), checked against `batched` at "
                      f"`{record['check_precision']['matmul_precision']}`")
-    lines += [f"- dense float32 matmul ({peak['jax']['size']}^3), median (best): "
-              + ", ".join(f"{label} {peak[fw]['flops_per_s_median'] / 1e9:.0f} ({peak[fw]['flops_per_s'] / 1e9:.0f}) "
-                          "GFLOP/s" for fw, label in (("jax", "JAX"), ("torch", "PyTorch")) if fw in peak),
-              "", "Step = loss + gradient of the mean loss over the batch (no optimiser update). Times are medians; "
+    lines += [f"- dense float32 matmul ({peak['jax']['size']}^3), median (best): {', '.join(peaks)}", "",
+              "Step = loss + gradient of the mean loss over the batch (no optimiser update). Times are medians; "
               "`% peak` is XLA's FLOP count per step / median step time, over the JAX matmul's median FLOP/s.", ""]
 
     has_torch = any(r["framework"] == "torch" for r in record["results"])
@@ -181,11 +174,11 @@ def to_markdown(record: dict) -> str:
               "less disturbed by other work on a shared machine); `met` judges the median figure.", "",
               "| target | measured | limit | met |", "|---|---:|---:|---|"]
     for t in check_targets(record):
-        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         measured = "-" if t["measured"] is None else f"{t['measured']:.3g}"
-        if t.get("measured_min") is not None:
+        if t["measured_min"] is not None:
             measured += f" ({t['measured_min']:.3g})"
         note = f" ({t['note']})" if t["note"] else ""
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         lines.append(f"| {t['target']}{note} | {measured} | {t['limit']} | {met} |")
     return "\n".join([*lines, ""])
 
@@ -215,9 +208,6 @@ def scaling_markdown(scaling: dict) -> list[str]:
     return [*lines, ""]
 
 
-# ---- plots and files ---------------------------------------------------------
-
-
 def plot_throughput(record: dict, path: Path) -> None:
     """Examples per second against batch size, one panel per model, one line per method."""
     models = models_of(record["results"])
@@ -237,7 +227,7 @@ def plot_throughput(record: dict, path: Path) -> None:
 
 
 def plot_overhead(record: dict, path: Path) -> None:
-    """Per-example gradients (and vmap mean) step time / batched step time against batch size."""
+    """Per-example gradients' (and vmap mean's) step time / batched step time against batch size."""
     fig, axes = new_figure()
     ax = axes[0, 0]
     sizes = sorted({r["batch_size"] for r in ok_rows(record)})
@@ -255,8 +245,8 @@ def plot_overhead(record: dict, path: Path) -> None:
 
 
 def write_results(record: dict, out_dir, name: str, plots: bool = True) -> list[Path]:
-    """<out_dir>/<name>.json, <name>.md and, with plots, <name>-throughput.png
-    and <name>-overhead.png. Returns the paths written."""
+    """<out_dir>/<name>.json, <name>.md and, with plots, <name>-throughput.png and
+    <name>-overhead.png. Returns the paths written."""
     out = Path(out_dir).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)

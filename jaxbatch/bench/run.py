@@ -2,19 +2,9 @@
 
     record = run_benchmarks(BenchConfig(models=("mlp",), batch_sizes=(32, 256)))
 
-returns one JSON-able dict (schema in docs/bench.md): the device, software
-versions, the measured matmul peak, one row per case and one per epoch run,
-and with `devices` the weak and strong scaling over device counts
-(scaling.py). Cases run model by model and, within a batch size, method
-after method (JAX then PyTorch), so slow drifts of a shared machine hit
-neighbours alike.
-
-The steps are timed at the backend's default float32 matmul precision, as
-training runs them; each method's gradient is checked against the batched
-one under `highest_precision()`, where the methods agree to float32 rounding
-on every backend (at the default, a GPU's TF32 or a TPU's bfloat16 products
-would make them differ by ~1e-3). jit caches per precision, so the check
-compiles each step once more.
+returns one JSON-able dict (schema in docs/bench.md). Cases run model by model and,
+within a batch size, method after method (JAX then PyTorch), so slow drifts of a
+shared machine hit neighbours alike.
 """
 
 from __future__ import annotations
@@ -36,7 +26,7 @@ from jaxbatch.bench import scaling
 from jaxbatch.bench import torch_twins as tt
 from jaxbatch.bench.measure import (compile_step, describe_device, is_out_of_memory, jax_matmul_peak,
                                     software_versions, timing_settings, unless_out_of_memory)
-from jaxbatch.bench.methods import METHODS, STEPS, chunks_from_python, make_chunked_step, make_loop_step, make_step
+from jaxbatch.bench.methods import METHODS, STEPS, make_chunked_step, make_loop_step, make_step
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.machine import time_calls
 from jaxbatch.models import get_model
@@ -89,18 +79,17 @@ class BenchConfig:
                              kind="device count")
 
 
-# A few minutes' run: two batch sizes, fewer repeats, no epochs.
+# --quick: a few minutes' run, two batch sizes, fewer repeats, no epochs.
 QUICK = dict(batch_sizes=(32, 256), min_repeats=3, max_repeats=20, min_time_s=0.3, epochs=())
 
 
 def quick_config(**overrides) -> BenchConfig:
-    """A few minutes' run: two batch sizes, fewer repeats, no epochs."""
     return BenchConfig(**{**QUICK, **overrides})
 
 
 def validate(config: BenchConfig) -> None:
-    """Reject a bad configuration before anything is compiled: each setting
-    by its declaration, then the rules that need code."""
+    """Reject a bad configuration before anything is compiled: each setting by its declaration,
+    then the rules that need code."""
     settings.check(dataclasses.replace(config, **{n: None for n in NONE_WHEN_EMPTY if getattr(config, n) == ()}))
     for name in config.models:
         get_model(name)
@@ -115,9 +104,9 @@ def validate(config: BenchConfig) -> None:
 
 
 def random_batches(seed, batch_size: int, image_shape, count: int = ROTATIONS):
-    """`count` different batches of uniform [0, 1) images and labels 0..9, on
-    the device. Drawn by NumPy and sent over: jax.random would compile its
-    sampler once per batch shape, most of a second each on a CPU."""
+    """`count` batches of uniform [0, 1) images and labels 0..9, on the device. Drawn by NumPy
+    and sent over: jax.random would compile its sampler once per batch shape, most of a second
+    each on a CPU."""
     rng = np.random.default_rng(seed)
     return [jax.block_until_ready(jax.device_put((rng.random((batch_size, *image_shape), dtype=np.float32),
                                                   rng.integers(0, 10, batch_size, dtype=np.int32))))
@@ -149,62 +138,45 @@ def too_big(needed, memory_limit, config) -> str | None:
     return None
 
 
-def batched_reference(name, params, batch):
-    """The batched gradient of `batch` under the highest precision: what every method is held to."""
-    with highest_precision():
-        return make_step("batched", get_model(name).apply)(params, *batch)
-
-
 def time_jax(name, method, params, batches, config, memory_limit, reference: Callable) -> dict:
-    """The row of one JAX case of model `name`: compile, check the memory,
-    time, and hold the gradient on batches[0] to `reference()` under the
-    highest precision. A step XLA compiles whole is timed as its executable;
-    the chunked (on CPU) and loop steps as the Python functions they are."""
+    """The row of one JAX case: compile, check the memory, time, and hold the gradient on
+    batches[0] to `reference()` under the highest precision."""
     (xs, ys), b, apply_fn = batches[0], len(batches[0][1]), get_model(name).apply
-    inputs = [(params, *batch) for batch in batches]
-    fields = {}
+    inputs, fields = [(params, *batch) for batch in batches], {}
     if method == "loop":
         if b > config.loop_max_batch:
             return skipped("jax", name, b, method, f"the Python loop runs up to batch {config.loop_max_batch}")
+        # Timed as the Python function it is, on lists of examples.
         step, one_grad = make_loop_step(apply_fn)
         inputs = [(params, list(x), list(y)) for x, y in batches]
-        compiled, timed = [compile_step(one_grad, params, xs[0], ys[0])], step
-        # per_example's count: the arithmetic the loop does too
-        flops = compile_step(make_step("per_example", apply_fn), params, xs, ys).flops
-        source = "xla, per_example"
-    elif method == "per_example_chunked":
-        fields["chunk"] = chunk = min(config.chunk, b)
-        step, chunk_sum = make_chunked_step(apply_fn, chunk)
-        sizes = [chunk] * (b // chunk) + ([b % chunk] if b % chunk else [])
-        pieces = {c: compile_step(chunk_sum, params, xs[:c], ys[:c]) for c in dict.fromkeys(sizes)}
-        # Each chunk's count, times the chunks (XLA would count a scan's body once).
-        flops = None if any(p.flops is None for p in pieces.values()) else sum(pieces[c].flops for c in sizes)
-        source = "xla, per chunk x chunks"
-        if chunks_from_python():
-            compiled, timed = list(pieces.values()), step
-        else:
-            compiled = [compile_step(step, params, xs, ys)]
-            timed = compiled[0].executable
+        compiled, timed = compile_step(one_grad, params, xs[0], ys[0]), step
     else:
-        step = make_step(method, apply_fn)
-        compiled = [compile_step(step, params, xs, ys)]
-        flops, source, timed = compiled[0].flops, "xla", compiled[0].executable
-    peak_memory = max(c.peak_memory_bytes or 0 for c in compiled) or None
+        if method == "per_example_chunked":
+            fields["chunk"] = chunk = min(config.chunk, b)
+            step = make_chunked_step(apply_fn, chunk)
+        else:
+            step = make_step(method, apply_fn)
+        compiled = compile_step(step, params, xs, ys)
+        timed = compiled.executable
+    flops, source = compiled.flops, "xla"
+    if method in ("loop", "per_example_chunked"):
+        # per_example's count: the arithmetic they do too, which XLA would count once for a loop body.
+        flops, source = compile_step(make_step("per_example", apply_fn), params, xs, ys).flops, "xla, per_example"
+    peak_memory = compiled.peak_memory_bytes or None
     reason = too_big(peak_memory, memory_limit, config)
     if reason:
         return skipped("jax", name, b, method, reason)
     timing = time_calls(timed, inputs, jax.block_until_ready, **timing_settings(config))
     with highest_precision():
         check = relative_difference(step(*inputs[0]), reference())
-    row = case_row("jax", name, b, method, **fields, compile_s=sum(c.compile_s for c in compiled),
-                   flops_source=source, peak_memory_bytes=peak_memory, max_rel_diff_vs_batched=check)
+    row = case_row("jax", name, b, method, **fields, compile_s=compiled.compile_s, flops_source=source,
+                   peak_memory_bytes=peak_memory, max_rel_diff_vs_batched=check)
     return with_speed(row, timing, flops)
 
 
 def time_torch(name, method, params, batches, config, memory_limit, reference: Callable) -> dict:
-    """The row of one PyTorch twin case: timed at each of `torch_threads`
-    (the fastest kept), its gradient against `reference()`, and the FLOPs of
-    the same method in JAX."""
+    """The row of one PyTorch twin case: timed at each of `torch_threads` (the fastest kept),
+    its gradient against `reference()`, and the FLOPs of the same method in JAX."""
     torch, dev, b = tt.require_torch(), tt.torch_device(jax.devices()[0].platform), len(batches[0][1])
     if method == "per_example":  # torch.func keeps all B gradients: B * params floats, a few times over
         reason = too_big(3 * 4 * b * sum(np.size(p) for p in jax.tree.leaves(params)), memory_limit, config)
@@ -233,8 +205,8 @@ def time_torch(name, method, params, batches, config, memory_limit, reference: C
 
 
 def run_epoch(recipe: str, data_dir: str | None, seed: int = 0) -> dict:
-    """Time a training epoch of `recipe` (its model, dataset, optimiser and
-    batch size): two epochs run, the first compiles, the second is the figure."""
+    """Time a training epoch of `recipe` (its model, dataset, optimiser and batch size): two
+    epochs run, the first compiles, the second is the figure."""
     config = TrainConfig(**dict(get_recipe(recipe), epochs=2, data_dir=data_dir, seed=seed))
     about = {"recipe": recipe, "model": config.model, "dataset": config.dataset, "batch_size": config.batch_size,
              "optimizer": config.optimizer, "loss": config.loss}
@@ -250,16 +222,24 @@ def run_epoch(recipe: str, data_dir: str | None, seed: int = 0) -> dict:
 
 
 def time_batch_size(name, params, b, config, memory_limit, notify) -> list[dict]:
-    """The cases of model `name` at batch size b, method after method: JAX's,
-    then the PyTorch twins of those asked for (batched always: the reference)."""
+    """The cases of model `name` at batch size b: JAX's methods, then the PyTorch twins of
+    those asked for (batched always: the reference)."""
     try:
         batches = random_batches((config.seed, b), b, IMAGE_SHAPES[name])
     except Exception as err:
         if not is_out_of_memory(err):
             raise
         return [skipped("jax", name, b, m, "out of memory for the input batch") for m in config.methods]
-    # The batched gradient of batches[0] at the highest precision, computed once, when first asked.
-    reference = functools.cache(functools.partial(batched_reference, name, params, batches[0]))
+
+    # What every method is held to, computed once when first asked: the batched gradient under the
+    # highest precision, where the methods agree to float32 rounding on every backend (at the default,
+    # a GPU's TF32 or a TPU's bfloat16 products would differ by ~1e-3). jit caches per precision, so
+    # the check compiles each step once more.
+    @functools.cache
+    def reference():
+        with highest_precision():
+            return make_step("batched", get_model(name).apply)(params, *batches[0])
+
     cases = [("jax", m, time_jax) for m in config.methods]
     if config.torch:
         cases += [("torch", m, time_torch) for m in tt.TORCH_METHODS if m in config.methods or m == "batched"]

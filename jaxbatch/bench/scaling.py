@@ -1,22 +1,13 @@
-"""Weak and strong scaling: the same gradient step on K devices.
+"""Weak and strong scaling: the same gradient step on K devices (docs/bench.md).
 
     weak    each device takes the batch size B: K devices, a global batch of K*B
     strong  the global batch B is split: each of K devices takes B/K
 
-Each device runs the one-device step of `methods.make_step`, unchanged, on its
-own examples, and `lax.pmean` averages the K mean gradients: text D's data
-parallelism, through `devices.per_device` (a shard_map over the "data" mesh
-of the first K devices). Not jit with the inputs' shardings, as training
-does: XLA's SPMD partitioner (jax 0.10.2, CPU) gets a convolution's
-per-example kernel gradients wrong when the batch is split (docs/bench.md).
-
-With throughput = examples of the global batch per second, and throughput_1
-the same step on one device at batch B (the K = 1 row of both kinds):
-
-    speedup_K    = throughput_K / throughput_1
-    efficiency_K = throughput_K / (K * throughput_1) = speedup_K / K
-
-Weak: efficiency = t_1 / t_K; strong: efficiency = t_1 / (K t_K).
+Each device runs the one-device step of `methods.make_step` on its own examples
+and `lax.pmean` averages the K mean gradients (`losses.data_parallel`, a
+shard_map over the first K devices). Not jit with the inputs' shardings, as
+training does: XLA's SPMD partitioner (jax 0.10.2, CPU) gets a convolution's
+per-example kernel gradients wrong when the batch is split.
 """
 
 from __future__ import annotations
@@ -30,8 +21,9 @@ from jax.sharding import NamedSharding
 
 from jaxbatch.bench.measure import compile_step, timing_settings, unless_out_of_memory
 from jaxbatch.bench.methods import STEPS, make_step
-from jaxbatch.devices import BY_EXAMPLE, SHARED, data_mesh, per_device, place, replicated
+from jaxbatch.devices import BY_EXAMPLE, data_mesh, place, replicated
 from jaxbatch.errors import JaxbatchError
+from jaxbatch.losses import data_parallel
 from jaxbatch.machine import time_calls
 from jaxbatch.precision import highest_precision, relative_difference
 
@@ -75,17 +67,10 @@ def check_devices(devices, batch_sizes, available: int, platform: str) -> None:
                                 f"here{hint}", setting="devices")
 
 
-def data_parallel(step, mesh):
-    """`step(params, xs, ys) -> mean gradient` on each device of `mesh` with
-    its own share of the batch, the K means then averaged (`lax.pmean`, an
-    all-reduce): with equal shares, the mean gradient of the whole batch."""
-    return per_device(lambda params, xs, ys: jax.lax.pmean(step(params, xs, ys), "data"), mesh, SHARED)
-
-
 def measure(method: str, apply_fn, params, batches, k: int, reference, timing: dict) -> dict:
-    """Compile and time `method`'s step data-parallel over the first k
-    devices; its gradient on the first batch against `reference` (the
-    one-device batched gradient), both under the highest precision."""
+    """Compile and time `method`'s step data-parallel over the first k devices; its gradient
+    on the first batch against `reference` (the one-device batched gradient), both under the
+    highest precision."""
     mesh = data_mesh(k)
     # As training lays them out: the parameters on every device, each batch split along "data".
     params = place(params, replicated(mesh))
@@ -96,14 +81,14 @@ def measure(method: str, apply_fn, params, batches, k: int, reference, timing: d
     with highest_precision():
         check = relative_difference(step(*inputs[0]), reference)
     return {"status": "ok", "compile_s": compiled.compile_s, "step_s": t.median_s, "step_s_min": t.min_s,
-            "repeats": t.repeats, "max_rel_diff_vs_batched": check}
+            "repeats": t.repeats, "max_rel_diff_vs_batched": check,
+            "examples_per_s": len(batches[0][1]) / t.median_s}
 
 
 def model_rows(name: str, apply_fn, params, config, batches_for: Callable, notify: Callable) -> list[dict]:
-    """Every scaling row of one model; `batches_for(global_batch)` gives the
-    rotating input batches of that size. Batch size by batch size and method
-    by method, K = 1 (both kinds' reference) then weak and strong side by
-    side, so slow drifts of a shared machine hit neighbours alike."""
+    """Every scaling row of one model; `batches_for(global_batch)` gives the rotating input
+    batches of that size. For each batch size and method: K = 1 (both kinds' reference), then
+    weak and strong side by side, so slow drifts of a shared machine hit neighbours alike."""
     timing, ks, rows = timing_settings(config), device_counts(config.devices), []
     for b in config.batch_sizes:
         batches = {g: batches_for(g) for g in sorted({b, *(k * b for k in ks)})}
@@ -120,15 +105,13 @@ def model_rows(name: str, apply_fn, params, config, batches_for: Callable, notif
                         lambda reason: {"status": "skipped", "reason": reason})
                 rows.append({"model": name, "method": method, "mode": mode, "batch_size": b, "devices": k,
                              "per_device_batch": g // k, "global_batch": g, **measured[k, g]})
-                if rows[-1]["status"] == "ok":
-                    rows[-1]["examples_per_s"] = g / rows[-1]["step_s"]
                 notify({"kind": "scaling", **rows[-1]})
     return rows
 
 
 def with_efficiency(rows: list[dict]) -> list[dict]:
-    """The rows with speedup and efficiency, each against the K = 1 row of
-    its (model, method, mode, batch size); None where either was skipped."""
+    """The rows with speedup and efficiency, each against the K = 1 row of its (model, method,
+    mode, batch size); None where either was skipped."""
     base = {(r["model"], r["method"], r["mode"], r["batch_size"]): r.get("examples_per_s")
             for r in rows if r["devices"] == 1}
     out = []

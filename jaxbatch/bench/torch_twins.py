@@ -1,16 +1,9 @@
 """The same models in PyTorch eager, for a side-by-side timing (optional:
-`pip install jaxbatch[torch]`; torch is imported only when called).
-
-Each twin is the plain PyTorch network of its text (NCHW input, flattened as
-PyTorch does) holding the JAX params' numbers: conv kernels (kh, kw, Cin,
-Cout) -> (Cout, Cin, kh, kw), dense kernels (in, out) -> (out, in), and the
-first dense layer after a flatten gets its rows reordered from JAX's
-(h, w, c) flattening to PyTorch's (c, h, w). Three methods, as in methods.py:
-
-    batched      cross-entropy of the batch, torch.autograd.grad (eager backward)
-    per_example  torch.func.vmap(torch.func.grad(one-example loss)), then the mean
-    clipped      those per-example gradients scaled by min(1, CLIP_NORM / ||g_i||),
-                 then the mean: DP-SGD's clipping as torch.func users (and Opacus) do it
+`pip install jaxbatch[torch]`; torch is imported only when called). Each twin
+holds the JAX params' numbers: conv kernels (kh, kw, Cin, Cout) -> (Cout, Cin,
+kh, kw), dense kernels (in, out) -> (out, in), and the first dense layer after
+a flatten gets its rows reordered from JAX's (h, w, c) flattening to PyTorch's
+(c, h, w). `clipped` clips per-example gradients as torch.func users (and Opacus) do.
 """
 
 from __future__ import annotations
