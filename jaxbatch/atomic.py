@@ -34,5 +34,8 @@ def write_all_atomic(writes: dict) -> list[Path]:
             os.replace(tmp, path)
     finally:
         for tmp in temporary:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # the error that brought us here is the one to report
+                pass
     return [path for path, _ in staged]

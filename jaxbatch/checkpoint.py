@@ -33,7 +33,7 @@ from jaxbatch.errors import JaxbatchError
 
 FORMAT = 1
 # Settings that do not change a run's numbers, so a resume may change them.
-FREE_SETTINGS = {"out", "data_dir", "source", "resume", "checkpoint_every", "keep", "steps_per_chunk",
+FREE_SETTINGS = {"out", "overwrite", "data_dir", "source", "resume", "checkpoint_every", "keep", "steps_per_chunk",
                  "unroll", "eval_batch_size", "devices", "record_steps", "dp_epsilon"}
 
 
@@ -75,11 +75,13 @@ def clear(out) -> None:
 
 
 def remove_partial(out) -> None:
-    """Drop what a save killed mid-write left: its temporary file (atomic.write_atomic
-    names it `.ckpt-<step>.msgpack.<pid>.tmp`). Readers never look at it anyway."""
-    where = folder(out)
-    for path in where.glob(".ckpt-*.tmp") if where.is_dir() else ():
-        path.unlink(missing_ok=True)
+    """Drop what a write killed midway left in the run folder and its
+    checkpoints: temporary files (atomic.write_atomic names them
+    `.<name>.<pid>.tmp`). Called by the run holding the folder's lock, so no
+    other run is writing them. Readers never look at them anyway."""
+    for where in (Path(out), folder(out)):
+        for path in where.glob(".*.tmp") if where.is_dir() else ():
+            path.unlink(missing_ok=True)
 
 
 def latest(out, config) -> dict:

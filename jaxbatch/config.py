@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxbatch import data as data_lib
-from jaxbatch import optim, privacy
+from jaxbatch import optim, privacy, rundir
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.models import MODELS
 from jaxbatch.settings import check, setting
@@ -52,13 +52,16 @@ class TrainConfig:
     max_loss: float = setting(1e4, "a step loss above this (or NaN/inf) stops training as diverged", above=0,
                               finite=False)
     max_steps: int | None = setting(None, "stop after this many steps in all", type=int, at_least=1)
-    out: str | None = setting(None, "folder for metrics.jsonl, config.json and params.msgpack "
-                              "(default runs/<recipe or model-dataset>)", type=str)
+    out: str | None = setting(None, "folder for metrics.jsonl, config.json and params.msgpack (default: a new "
+                              "numbered folder runs/<recipe or model-dataset>/N; with --resume the newest)",
+                              type=str)
+    overwrite: bool = setting(False, "replace the run already in --out (without it, a folder holding a run is "
+                              "refused)")
     checkpoint_every: int | None = setting(
         None, "save a checkpoint every N steps too (always: at the end of every epoch, and on Ctrl-C or SIGTERM)",
         type=int, at_least=1, metavar="N", group=CHECKPOINTS)
     keep: int = setting(3, "checkpoints kept, newest first", at_least=1, metavar="N", group=CHECKPOINTS)
-    resume: bool = setting(False, "continue from the newest checkpoint in --out, exactly where it stopped",
+    resume: bool = setting(False, "continue the run in --out from its newest checkpoint, exactly where it stopped",
                            group=CHECKPOINTS)
     # Per-example clipping and DP-SGD (losses.clipped_grad_sum, privacy.py); their
     # ranges and how they go together are privacy.check_settings'.
@@ -95,8 +98,9 @@ def validate(config: TrainConfig) -> None:
     each setting against its declaration, then the rules that tie several
     together."""
     check(config)
-    if (config.resume or config.checkpoint_every) and not config.out:
+    if config.checkpoint_every and not config.out:
         raise JaxbatchError("checkpoints live in the output folder: pass {setting} DIR", setting="out")
+    rundir.check_out(config.out, config.resume, config.overwrite)
     privacy.check_settings(config.dp_clip, config.dp_noise, config.dp_delta, config.dp_epsilon)
     if config.dp_clip is not None:
         if config.loss == "batched":

@@ -124,7 +124,7 @@ def join_cluster(coordinator: str | None = None, num_processes: int | None = Non
     if not detect and all(v is None for v in explicit):
         return
     if detect:
-        _join(jax.distributed.initialize, "the cluster's coordinator", timeout)
+        _join(jax.distributed.initialize, "the cluster's coordinator", timeout, DETECT_HINT)
         return
     if any(v is None for v in explicit):
         raise JaxbatchError("--coordinator, --num-processes and --process-id go together; pass all three "
@@ -134,8 +134,10 @@ def join_cluster(coordinator: str | None = None, num_processes: int | None = Non
         raise JaxbatchError(f"--coordinator {coordinator!r} is not HOST:PORT, e.g. 10.0.0.1:1234")
     if not 0 <= process_id < num_processes:
         raise JaxbatchError(f"--process-id {process_id} is outside 0 .. {num_processes - 1}")
+    deadline = time.monotonic() + timeout
+    check_in(host, int(port), num_processes, process_id, deadline, timeout)
     if process_id != 0:
-        wait_for_coordinator(host, int(port), timeout)
+        wait_for_coordinator(host, int(port), max(1, int(deadline - time.monotonic())))
     _join(lambda **kw: jax.distributed.initialize(coordinator, num_processes, process_id, **kw),
           f"the coordinator at {coordinator} as process {process_id} of {num_processes}", timeout)
     if jax.process_count() != num_processes:
@@ -144,6 +146,75 @@ def join_cluster(coordinator: str | None = None, num_processes: int | None = Non
         raise JaxbatchError(f"this process was started with --num-processes {num_processes}, but the "
                             f"coordinator at {coordinator} runs {jax.process_count()}; pass the same "
                             "--num-processes to every process", cluster_broken=True)
+
+
+def check_in(host: str, port: int, num_processes: int, process_id: int, deadline: float, timeout: int) -> None:
+    """Every process reports to process 0 on the coordinator's port before
+    JAX's own join: XLA's coordination service ends process 0 from C++
+    (SIGABRT and a stack trace) when a peer never registers, so a missing
+    peer, or one started with another --num-processes, is found here
+    instead, as one line on each side. Each peer sends its process count;
+    process 0, once all num_processes - 1 have come, answers each with its
+    own and frees the port for JAX's coordinator."""
+    if process_id != 0:
+        return _check_in_peer(host, port, num_processes, deadline, timeout)
+    try:
+        server = socket.create_server(("", port))
+    except OSError as err:
+        raise JaxbatchError(f"cannot listen on port {port} for the other processes ({err.strerror or err}); "
+                            "pass a free port in --coordinator") from None
+    peers, counts = [], []
+    with server:
+        try:
+            while len(peers) < num_processes - 1:
+                server.settimeout(max(0.01, deadline - time.monotonic()))
+                peer = server.accept()[0]
+                peers.append(peer)
+                peer.settimeout(max(0.01, deadline - time.monotonic()))
+                counts.append(int(peer.recv(32).decode().strip() or -1))
+        except (OSError, ValueError):
+            for peer in peers:
+                peer.close()
+            raise JaxbatchError(f"{len(peers)} of the {num_processes - 1} other processes joined within {timeout} s; "
+                                "start every process with the same --coordinator and --num-processes, or raise "
+                                "--join-timeout") from None
+        for peer in peers:
+            with peer:
+                peer.sendall(f"go {num_processes}".encode())
+                try:
+                    peer.recv(1)  # the peer closes first, so this port is not left in TIME_WAIT here
+                except OSError:
+                    pass
+    other = next((c for c in counts if c != num_processes), None)
+    if other is not None:
+        raise JaxbatchError(f"a process started with --num-processes {other} joined this one, started with "
+                            f"{num_processes}; pass the same --num-processes to every process")
+
+
+def _check_in_peer(host: str, port: int, num_processes: int, deadline: float, timeout: int) -> None:
+    """A peer's half of check_in: connect (process 0 may not listen yet),
+    send the count, wait for the go-ahead with process 0's count."""
+    coordinator = f"{host}:{port}"
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2) as connection:
+                connection.sendall(f"{num_processes}\n".encode())
+                connection.settimeout(max(1.0, deadline - time.monotonic()))
+                reply = connection.recv(32).decode().split()
+            if len(reply) == 2 and reply[0] == "go" and reply[1].isdigit():
+                break
+            raise ConnectionError("process 0 did not answer")
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise JaxbatchError(f"no coordinator answered at {coordinator} within {timeout} s "
+                                    f"({err.strerror or err}); "
+                                    "start process 0 first, with the same --coordinator, or check the "
+                                    "address") from None
+            time.sleep(0.5)
+    if int(reply[1]) != num_processes:
+        raise JaxbatchError(f"this process was started with --num-processes {num_processes}, but the "
+                            f"coordinator at {coordinator} runs {reply[1]}; pass the same --num-processes to "
+                            "every process")
 
 
 def wait_for_coordinator(host: str, port: int, timeout: int) -> None:
@@ -163,14 +234,20 @@ def wait_for_coordinator(host: str, port: int, timeout: int) -> None:
             time.sleep(0.5)
 
 
-def _join(initialize, what: str, timeout: int) -> None:
+JOIN_HINT = "check that process 0 is running at that address and that every process passes the same --num-processes"
+DETECT_HINT = ("--distributed is for clusters JAX detects itself (Cloud TPU pods, SLURM); on one machine drop it, "
+               "or pass --coordinator, --num-processes and --process-id")
+
+
+def _join(initialize, what: str, timeout: int, hint: str = JOIN_HINT) -> None:
     """jax.distributed.initialize, bounded in time; a failure is one line."""
+    started = time.monotonic()
     try:
         initialize(initialization_timeout=timeout)
     except Exception as err:  # XLA's runtime errors carry many lines; the first says what happened
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise JaxbatchError(f"could not join {what} within {timeout} s ({first[:200]}); check that process 0 "
-                            "is running at that address and that every process passes the same --num-processes")
+        waited = f" within {timeout} s" if time.monotonic() - started >= 0.9 * timeout else ""
+        raise JaxbatchError(f"could not join {what}{waited} ({first[:200]}); {hint}") from None
 
 
 def collective_failed(err: Exception) -> JaxbatchError:

@@ -1,7 +1,8 @@
 """What a run leaves behind and what it tells as it goes.
 
     RunFiles   the output folder: config.json, metrics.jsonl (a line per
-               epoch, appended as it ends), params.msgpack, checkpoints/
+               epoch, appended as it ends), params.msgpack, checkpoints/,
+               in a folder that jaxbatch/rundir.py checked and locked
     Progress   each chunk of steps' summary, read on the host one chunk late
                (the one place training waits for the device), summed into
                the epoch's metrics; raises Diverged at the exact bad step
@@ -26,6 +27,7 @@ from jaxbatch.atomic import write_atomic
 from jaxbatch.devices import fetch
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.precision import matmul_precision
+from jaxbatch.rundir import FolderLock, check_out
 
 
 class Diverged(JaxbatchError):
@@ -46,29 +48,51 @@ class Diverged(JaxbatchError):
 
 class RunFiles:
     """metrics.jsonl (one line per epoch, appended as it ends), config.json,
-    params.msgpack and checkpoints/. With several processes only process 0
-    writes."""
+    params.msgpack and checkpoints/, in a folder locked for the run (a
+    context manager: the lock goes at its end). With several processes only
+    process 0 writes. A new run refuses a folder holding another run's files
+    (`check_out`); with config.overwrite it removes them first."""
 
     def __init__(self, out: str | None, config, environment: dict):
         self.out = Path(out) if out else None
         self.dir = self.out if jax.process_index() == 0 else None
         self.config = config
-        if self.out is not None and self.out.exists() and not self.out.is_dir():
-            raise JaxbatchError(f"output folder {self.out} is a file; pass --out a folder path")
+        self.lock = None
         if self.dir is None:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = self.dir / "metrics.jsonl"
-        checkpoint.remove_partial(self.dir)
-        if not config.resume:
-            # A new run starts a new log, and a previous run's parameters and
-            # checkpoints must not sit beside this run's config.json as if they
-            # were its own.
-            self.metrics.unlink(missing_ok=True)
-            (self.dir / "params.msgpack").unlink(missing_ok=True)
-            checkpoint.clear(self.dir)
-        record = {**dataclasses.asdict(config), "environment": environment}
-        self._write_atomic("config.json", json.dumps(record, indent=2).encode())
+        check_out(out, config.resume, config.overwrite)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise JaxbatchError(f"cannot create {out}: {err.strerror}; pass {{setting}} a folder you can write "
+                                "to", setting="out") from None
+        self.lock = FolderLock(self.dir)
+        try:
+            check_out(out, config.resume, config.overwrite)  # again, now that no other run can start here
+            self.metrics = self.dir / "metrics.jsonl"
+            checkpoint.remove_partial(self.dir)
+            if not config.resume:
+                # --overwrite: this run's config.json must not sit beside another
+                # run's metrics, parameters and checkpoints as if they were its own.
+                self.metrics.unlink(missing_ok=True)
+                (self.dir / "params.msgpack").unlink(missing_ok=True)
+                checkpoint.clear(self.dir)
+            record = {**dataclasses.asdict(config), "environment": environment}
+            self._write_atomic("config.json", json.dumps(record, indent=2).encode())
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _write_atomic(self, name: str, payload: bytes) -> None:
         write_atomic(self.dir / name, lambda tmp: tmp.write_bytes(payload))

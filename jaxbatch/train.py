@@ -56,8 +56,12 @@ class TrainResult(NamedTuple):
 class Interrupted(JaxbatchError):
     """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint."""
 
-    def __init__(self, reason: str, epoch: int, step: int, checkpoint):
+    def __init__(self, reason: str, epoch: int, step: int, checkpoint, started: bool = True):
         self.reason, self.epoch, self.step, self.checkpoint = reason, epoch, step, checkpoint
+        self.started = started  # False: stopped before the run's first file was written
+        if not started:
+            super().__init__(f"stopped by {reason} before training began; nothing was written")
+            return
         where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (no output folder)"
         super().__init__(f"stopped by {reason} at epoch {epoch}, step {step}; {where}")
 
@@ -263,13 +267,15 @@ def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=
     train_ds, test_ds = data_lib.prepare_data(config.dataset, model, config.batch_size, config.data_dir,
                                               config.source, train_ds, test_ds)
     notify = on_progress if on_progress and jax.process_index() == 0 else (lambda event: None)
-    # float64 needs JAX's x64 mode while the run is traced and run.
-    with enable_x64() if config.dtype == "float64" else contextlib.nullcontext():
+    with contextlib.ExitStack() as closing:  # what the run holds until it ends, however it ends
+        if config.dtype == "float64":
+            closing.enter_context(enable_x64())  # while the run is traced and run
         return _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify,
-                      stop_requested or (lambda: None))
+                      stop_requested or (lambda: None), closing)
 
 
-def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop_requested) -> TrainResult:
+def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop_requested,
+           closing) -> TrainResult:
     ckpt = checkpoint.latest(config.out, config) if config.resume else None
     n = len(train_ds)
     steps_per_epoch = -(-n // config.batch_size)
@@ -278,7 +284,6 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     final_epsilon = privacy.run_epsilon(config.batch_size / n, config.dp_noise, total_steps, config.dp_delta,
                                         config.dp_epsilon)
     env = runlog.environment(mesh)
-    files = runlog.RunFiles(config.out, config, env)
 
     if params is None:
         params = init_params(model, init_key(config.seed), train_ds.image_shape)
@@ -302,9 +307,12 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     test_x, test_y = devices.place((test_ds.images, test_ds.labels), everywhere)
     chunk_fn = partial(run_chunk, grad_fn=grad_fn, optimizer=optimizer, unroll=unroll,
                        record=config.record_steps > 0)
-
+    reason = stop_requested()
+    if reason:  # before the first file: the folder stays as it was
+        raise Interrupted(reason, position["epoch"], position["epoch_step"], None, started=False)
+    files = closing.enter_context(runlog.RunFiles(config.out, config, env))  # the folder, locked until the end
     notify({"kind": "start", "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-            "train_size": n, "test_size": len(test_ds), "devices": env["devices"],
+            "train_size": n, "test_size": len(test_ds), "out": config.out, "devices": env["devices"],
             "device_kind": env["device_kind"], "processes": env["processes"],
             "resumed_from": None if ckpt is None else {**position, "path": str(ckpt["path"])},
             "final_epsilon": final_epsilon})

@@ -70,7 +70,7 @@ def pytest_collection_modifyitems(config, items):
     slow, used = slow_ids(), set()
     for item in items:
         module = item.nodeid.split("::")[0]
-        for key in (item.nodeid, module):
+        for key in (item.nodeid, item.nodeid.split("[")[0], module):  # a test, all its parameters, a module
             if key in slow:
                 item.add_marker(pytest.mark.slow)
                 used.add(key)

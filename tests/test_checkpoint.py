@@ -17,12 +17,13 @@ BASE = dict(epochs=2, batch_size=16, steps_per_chunk=9)
 
 
 def stop_after(calls: int):
-    """A stop_requested that asks to stop at its `calls`-th question (one per chunk)."""
+    """A stop_requested that asks to stop after `calls` chunks: training asks
+    once before its first file is written, then once per chunk."""
     asked = []
 
     def requested():
         asked.append(1)
-        return "SIGINT" if len(asked) == calls else None
+        return "SIGINT" if len(asked) == calls + 1 else None
 
     return requested
 
@@ -37,6 +38,15 @@ def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     train_and_evaluate(TrainConfig(**BASE, out=str(out)))
     return (out / "params.msgpack").read_bytes(), lines(out)
+
+
+def test_a_stop_before_training_begins_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as stop:
+        train_and_evaluate(TrainConfig(**BASE, out=str(out)), stop_requested=stop_after(0))
+    assert not stop.value.started and stop.value.checkpoint is None
+    assert "before training began; nothing was written" in str(stop.value)
+    assert not out.exists()
 
 
 # Stops: the first chunk, mid-epoch 1, its last chunk (the epoch's sums carried
@@ -92,10 +102,10 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
         checkpoint.latest(tmp_path, TrainConfig(epochs=2, out=str(tmp_path)))
 
 
-def test_a_new_run_clears_the_previous_runs_checkpoints(tmp_path):
+def test_an_overwriting_run_clears_the_previous_runs_checkpoints(tmp_path):
     train_and_evaluate(TrainConfig(epochs=2, out=str(tmp_path)))
     (tmp_path / "checkpoints" / ".ckpt-000000001.msgpack.123.tmp").write_bytes(b"half")  # a killed save
-    train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path)))
+    train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path), overwrite=True))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt-000000043.msgpack"]
 
 

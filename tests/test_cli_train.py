@@ -1,4 +1,3 @@
-import json
 import subprocess
 import sys
 
@@ -20,7 +19,8 @@ def test_train_end_to_end_one_epoch(tmp_path):
     assert (out / "params.msgpack").stat().st_size > 0
 
 
-def test_recipe_flags_are_overridden_by_explicit_flags(tmp_path):
+def test_recipe_flags_are_overridden_by_explicit_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     from jaxbatch.cli import build_parser
     from jaxbatch.cli.train import build_config
 
@@ -28,7 +28,7 @@ def test_recipe_flags_are_overridden_by_explicit_flags(tmp_path):
     config = build_config(args)
     assert (config.model, config.dataset, config.batch_size) == ("mlp", "fashion_mnist", 256)
     assert (config.epochs, config.lr) == (2, 0.1)
-    assert config.out == "runs/mlp-fashion"
+    assert config.out == "runs/mlp-fashion/1"  # a new numbered run folder
     # the overrides must not leak into the recipe itself
     from jaxbatch.recipes import get_recipe
 

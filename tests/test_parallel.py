@@ -228,3 +228,23 @@ def test_a_process_with_another_num_processes_stops_with_one_line(tmp_path):
                                        f"but the coordinator at 127.0.0.1:{port} runs 2; pass the same "
                                        "--num-processes to every process")
     assert not (tmp_path / "hosts1").exists()
+
+
+def test_process_0_whose_peer_never_comes_stops_with_one_line(tmp_path):
+    # XLA's coordination service ended process 0 from C++ (SIGABRT, a stack
+    # trace) when a peer never registered; the check-in finds it first.
+    port = free_port()
+    with open(tmp_path / "p0.log", "w+") as log:
+        procs = [start([sys.executable, "-m", "jaxbatch", "train", "--quiet", "--epochs", "1", "--coordinator",
+                        f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0", "--join-timeout", "3",
+                        "--out", str(tmp_path / "run")], 1, log)]
+        try:
+            procs[0].wait(timeout=TIMEOUT_S)
+        finally:
+            stop(procs)
+        log.seek(0)
+        output = log.read().strip()
+    assert procs[0].returncode == 2, output
+    assert output == ("jaxbatch train: error: 0 of the 1 other processes joined within 3 s; start every process "
+                      "with the same --coordinator and --num-processes, or raise --join-timeout")
+    assert not (tmp_path / "run").exists()

@@ -207,11 +207,11 @@ def test_record_steps_keeps_the_first_steps_gradient_norms():
     assert train_and_evaluate(TrainConfig(epochs=1)).steps == []
 
 
-def test_a_new_run_removes_the_previous_runs_parameters(tmp_path):
+def test_an_overwriting_run_removes_the_previous_runs_parameters(tmp_path):
     train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path)))
     assert (tmp_path / "params.msgpack").exists()
     with pytest.raises(Diverged):
-        train_and_evaluate(TrainConfig(epochs=1, lr=1e30, max_loss=float("inf"), out=str(tmp_path)))
+        train_and_evaluate(TrainConfig(epochs=1, lr=1e30, max_loss=float("inf"), out=str(tmp_path), overwrite=True))
     assert not (tmp_path / "params.msgpack").exists()
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 1e30
 

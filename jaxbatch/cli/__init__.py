@@ -8,9 +8,12 @@ Anything the user can fix ends as ONE line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from jaxbatch.errors import JaxbatchError
 
@@ -18,10 +21,33 @@ SUBCOMMANDS = ["train", "data", "experiment", "bench"]  # each module adds its n
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse prints the whole usage before an error; we print one line."""
+    """argparse prints the whole usage before an error; we print one line.
+    Flags are taken only whole: by default argparse reads --epoch 2 as
+    --epochs 2, so a mistyped flag silently becomes another."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            flags = _flags(self)
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], flags, n=1) if word.startswith("--") else []
+                if close:
+                    message += f"; did you mean {close[0]}?"
+                    break
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _flags(parser) -> list[str]:
+    """Every flag of `parser` and of its subcommands."""
+    flags = []
+    for action in parser._actions:
+        flags += action.option_strings
+        for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+            flags += _flags(sub)
+    return flags
 
 
 def positive_int(text: str) -> int:
@@ -76,10 +102,63 @@ def flag_name(setting: str | None) -> str | None:
     return None if setting is None else "--" + setting.replace("_", "-")
 
 
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit status: 128 + the signal's number
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (what a cloud machine gets before
+    preemption) only ask to stop: the handler sets a flag that training reads
+    between chunks of steps, where it saves a checkpoint and stops cleanly.
+    Installed first thing in `main`, before JAX is imported, so no moment of
+    start-up turns a signal into a traceback. A second signal stops at once
+    (os._exit: no exit handler runs to print a traceback; files are written
+    whole or not at all, jaxbatch/atomic.py). Call it for the signal's name,
+    or None."""
+
+    def __init__(self):
+        self.requested = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            os.write(2, f"jaxbatch: stopped at once by a second {name}\n".encode())
+            os._exit(STOP_SIGNALS[signum])
+        self.requested = name
+        os.write(2, f"jaxbatch: {name}: stopping at the next safe point; send it again to stop at once\n".encode())
+
+    def __call__(self) -> str | None:
+        return self.requested
+
+    def restore(self) -> None:
+        """The handlers from before: a signal acts at once again (Ctrl-C: KeyboardInterrupt)."""
+        for signum, old in self.previous.items():
+            signal.signal(signum, old)
+        self.previous = {}
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv[1:]  # the subcommand's own words, e.g. for the command that resumes a run
+    stop = StopSignals()
+    try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser().parse_args(argv)
+        args.argv = argv[1:]  # the subcommand's own words, e.g. for the command that resumes a run
+        if args.command != "train":  # only training stops at a safe point; the others stop at once
+            stop.restore()
+            if stop.requested:
+                raise KeyboardInterrupt
+        args.stop_requested = stop
+        return _run(args)
+    except KeyboardInterrupt:
+        print("jaxbatch: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        stop.restore()
+
+
+def _run(args) -> int:
     try:
         return args.run(args) or 0
     except JaxbatchError as err:
@@ -95,3 +174,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"jaxbatch {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # the disk, not the input: full, read-only, gone
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"jaxbatch {args.command}: error: {where}{err.strerror or err}; nothing after the last complete "
+              "file was kept", file=sys.stderr)
+        return 1

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import signal
 import sys
 
-from jaxbatch.cli import positive_int
+from jaxbatch.cli import STOP_SIGNALS, positive_int
 
 
 def add_parser(sub) -> None:
@@ -38,12 +37,13 @@ def add_parser(sub) -> None:
 def build_config(args):
     from jaxbatch.config import TrainConfig
     from jaxbatch.recipes import get_recipe
+    from jaxbatch.rundir import numbered_out
     from jaxbatch.settings import given
 
     fields = get_recipe(args.recipe) if args.recipe else {}
     config = TrainConfig(**{**fields, **given(args, TrainConfig)})
-    if config.out is None:
-        config.out = f"runs/{args.recipe or f'{config.model}-{config.dataset}'}"
+    if config.out is None:  # a new numbered folder, so no run replaces another (jaxbatch/rundir.py)
+        config.out = numbered_out(f"runs/{args.recipe or f'{config.model}-{config.dataset}'}", config.resume)
     return config
 
 
@@ -56,35 +56,9 @@ def format_seconds(seconds: float) -> str:
     raise AssertionError("unreachable")
 
 
-STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit status: 128 + the signal's number
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """While training: Ctrl-C (SIGINT) or SIGTERM (what a cloud machine gets
-    before preemption) only asks the run to stop. Training checks between
-    chunks of steps, saves a checkpoint and raises train.Interrupted. The
-    handler then steps aside, so a second signal acts at once (Ctrl-C twice:
-    KeyboardInterrupt; SIGTERM twice: the process ends)."""
-    requested = []
-    previous = {}
-
-    def handler(signum, frame):
-        requested.append(signal.Signals(signum).name)
-        signal.signal(signum, previous[signum])
-
-    for signum in STOP_SIGNALS:
-        previous[signum] = signal.signal(signum, handler)
-    try:
-        yield lambda: requested[0] if requested else None
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
 def resume_command(argv: list[str], out: str) -> str:
-    """The command that continues this run: the same flags, plus --resume (and --out)."""
-    words = [w for w in argv if w != "--resume"]
+    """The command that continues this run: the same flags (less --overwrite), plus --resume (and --out)."""
+    words = [w for w in argv if w not in ("--resume", "--overwrite")]
     if not any(w == "--out" or w.startswith("--out=") for w in words):
         words += ["--out", out]
     return shlex.join(["jaxbatch", "train", *words, "--resume"])
@@ -111,6 +85,9 @@ def run(args) -> int:
 
     join_cluster(args.coordinator, args.num_processes, args.process_id, args.join_timeout, args.distributed)
     config = build_config(args)
+    if args.stop_requested():  # a signal while JAX was importing: stop before loading anything
+        print(f"jaxbatch train: {Interrupted(args.stop_requested(), 1, 0, None, started=False)}", file=sys.stderr)
+        return STOP_SIGNALS[signal.Signals[args.stop_requested()]]
     bar = None
 
     def on_progress(event):
@@ -120,7 +97,8 @@ def run(args) -> int:
             print(f"training {config.model} on {config.dataset}: {event['train_size']} train / "
                   f"{event['test_size']} test examples, batch {config.batch_size}, "
                   f"{event['steps_per_epoch']} steps per epoch, {config.optimizer} lr {config.lr:g}, "
-                  f"loss {config.loss}; {event['devices']} x {event['device_kind']}{hosts}", flush=True)
+                  f"loss {config.loss}; {event['devices']} x {event['device_kind']}{hosts}; run folder "
+                  f"{config.out}/", flush=True)
             if event["final_epsilon"] is not None:
                 print(f"DP-SGD: clip {config.dp_clip:g}, noise multiplier {config.dp_noise:g}; after "
                       f"{event['total_steps']} steps epsilon {event['final_epsilon']:.3g} at delta "
@@ -147,16 +125,15 @@ def run(args) -> int:
                   f"({format_seconds(event['epoch_time_s'])})", flush=True)
 
     try:
-        with stop_on_signals() as stop_requested:
-            result = train_and_evaluate(config, on_progress=on_progress, stop_requested=stop_requested)
+        result = train_and_evaluate(config, on_progress=on_progress, stop_requested=args.stop_requested)
     except jax.errors.JaxRuntimeError as err:
         if jax.process_count() == 1:
             raise
         raise collective_failed(err)
     except Interrupted as stop:
         if jax.process_index() == 0:
-            print(f"jaxbatch train: {stop}; resume with: {resume_command(args.argv, config.out)}",
-                  file=sys.stderr, flush=True)
+            resume = f"; resume with: {resume_command(args.argv, config.out)}" if stop.started else ""
+            print(f"jaxbatch train: {stop}{resume}", file=sys.stderr, flush=True)
         return STOP_SIGNALS[signal.Signals[stop.reason]]
     finally:
         if bar is not None:

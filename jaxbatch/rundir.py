@@ -1,0 +1,110 @@
+"""The run folder: which one a run writes to, whether it may, and its lock.
+
+A run's folder is its record, so nothing replaces it without being asked:
+
+- `jaxbatch train` with no --out writes to a new numbered folder,
+  runs/<recipe or model-dataset>/1, /2, ... (`numbered_out`), so running the
+  README's commands one after another leaves every run to compare;
+- a folder given with --out that already holds a run is refused unless the
+  run is continued (--resume) or replaced (--overwrite) (`check_out`, asked
+  before any data is loaded and again once the folder is locked);
+- one run at a time writes to a folder (`FolderLock`).
+
+Plain Python, no JAX: the command line checks a folder before importing it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from jaxbatch.errors import JaxbatchError
+
+# What makes a folder a run's: a new run refuses a folder holding any of these.
+RUN_FILES = ("config.json", "metrics.jsonl", "params.msgpack", "checkpoints")
+LOCK = ".lock"
+
+
+def run_files_in(out) -> list[str]:
+    """The run files `out` holds (none if it does not exist)."""
+    out = Path(out)
+    return [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+
+
+def check_out(out: str | None, resume: bool, overwrite: bool) -> None:
+    """Reject an output folder this run cannot use, touching nothing: an
+    empty name, a path through a regular file, a folder holding another run
+    (unless resuming it or asked to overwrite it), a place we cannot write."""
+    if out is None:
+        if resume or overwrite:
+            raise JaxbatchError("{setting} needs an output folder: pass --out DIR",
+                                setting="resume" if resume else "overwrite")
+        return
+    if not out.strip():
+        raise JaxbatchError("{setting} is empty; name a folder, e.g. --out runs/mine", setting="out")
+    if resume and overwrite:
+        raise JaxbatchError("--resume continues the run in --out and {setting} replaces it; pass one of them",
+                            setting="overwrite")
+    path = Path(out)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"sits under {existing}, a file"
+        raise JaxbatchError(f"{out} {where}, not a folder; pass {{setting}} a folder path", setting="out")
+    held = run_files_in(path)
+    if held and not (resume or overwrite):
+        raise JaxbatchError(f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
+                            "--overwrite to replace it, or another {setting}", setting="out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise JaxbatchError(f"cannot write in {existing} (permission denied); pass {{setting}} a folder you "
+                            "can write to", setting="out")
+
+
+def numbered_out(base, resume: bool) -> str:
+    """A run's default folder under `base` (runs/<name>): a new numbered one,
+    base/1, base/2, ...; with `resume`, the newest that holds a run."""
+    base = Path(base)
+    numbers = sorted(int(p.name) for p in base.glob("*") if re.fullmatch(r"[0-9]+", p.name) and p.is_dir()) \
+        if base.is_dir() else []
+    if not resume:
+        return str(base / str(numbers[-1] + 1 if numbers else 1))
+    for n in reversed(numbers):
+        if run_files_in(base / str(n)):
+            return str(base / str(n))
+    if run_files_in(base):  # a run from before numbered folders
+        return str(base)
+    raise JaxbatchError(f"no run to resume in {base}/; start one without --resume, or pass {{setting}} the "
+                        "run's folder", setting="out")
+
+
+class FolderLock:
+    """An exclusive lock on `folder/.lock`, held until `release` (or the
+    process's end: the OS drops it even after a kill). A second run on the
+    same folder fails at once, naming the holder."""
+
+    def __init__(self, folder: Path):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            self.file = None
+            return
+        self.file = open(folder / LOCK, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise JaxbatchError(f"another run ({holder}) is writing to {folder}; wait for it to end, or pass "
+                                "another {setting}", setting="out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"process {os.getpid()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing drops the lock
+            self.file = None
+
+
