@@ -25,8 +25,10 @@ dependencies to every install for no gain here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
-from flax import serialization
+import numpy as np
+from flax import serialization, traverse_util
 
 from jaxbatch.atomic import write_atomic
 from jaxbatch.errors import JaxbatchError
@@ -52,7 +54,8 @@ def paths(out) -> list[Path]:
     """The complete checkpoints in `out`, oldest first (temporary files of an
     interrupted save are not among them)."""
     where = folder(out)
-    return sorted(where.glob("ckpt-*.msgpack")) if where.is_dir() else []
+    # Regular files only: a FIFO or device named like a checkpoint would block the read forever.
+    return sorted(p for p in where.glob("ckpt-*.msgpack") if p.is_file()) if where.is_dir() else []
 
 
 def save(out, position: dict, epoch_sums: dict, config, state, keep: int) -> Path:
@@ -84,26 +87,79 @@ def remove_partial(out) -> None:
             path.unlink(missing_ok=True)
 
 
-def latest(out, config) -> dict:
-    """The newest readable checkpoint in `out` whose settings match `config`'s."""
+def latest(out, config, check: Callable[[dict], None] | None = None) -> dict:
+    """The newest checkpoint in `out` that reads whole, has every field of
+    the format, was made with `config`'s settings, and passes `check` (the
+    run's own tests of its position and state, raising ValueError). One that
+    fails is skipped for the one before, and the returned checkpoint lists
+    it under "skipped" as (file name, why). A checkpoint made with other
+    settings is refused outright: that is the user's choice to make."""
     found = paths(out)
     if not found:
         raise JaxbatchError(f"no checkpoint in {folder(out)} to resume from; run without --resume to start "
-                            "a new run there")
-    errors = []
+                            "a new run there, or pass --overwrite")
+    skipped = []
     for path in reversed(found):
         try:
-            ckpt = serialization.msgpack_restore(path.read_bytes())
-            if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-                raise ValueError("not a jaxbatch checkpoint")
-        except Exception as err:  # a damaged file: fall back to the one before
-            errors.append(f"{path.name}: {err}")
+            ckpt = read(path)
+            check_settings(ckpt["settings"], settings(config), path)
+            if check is not None:
+                check(ckpt)
+        except ValueError as err:
+            skipped.append((path.name, str(err)))
             continue
-        check_settings(ckpt["settings"], settings(config), path)
-        ckpt["path"] = path
+        ckpt["path"], ckpt["skipped"] = path, skipped
         return ckpt
-    raise JaxbatchError(f"no readable checkpoint in {folder(out)} ({'; '.join(errors)}); "
-                        "run without --resume to start again")
+    raise JaxbatchError(f"no usable checkpoint in {folder(out)} ({'; '.join(f'{n}: {why}' for n, why in skipped)}); "
+                        "start again with --overwrite, or in another --out")
+
+
+def read(path: Path) -> dict:
+    """A checkpoint file's contents, with every field of the format and of
+    the right kind; ValueError saying what is wrong otherwise."""
+    try:
+        ckpt = serialization.msgpack_restore(path.read_bytes())
+    except OSError as err:
+        raise ValueError(f"cannot read it ({err.strerror or err})") from None
+    except Exception as err:  # msgpack's errors for a torn or foreign file are of several kinds
+        raise ValueError(f"not a whole msgpack file ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError("not a jaxbatch checkpoint of this format")
+    for field in ("position", "epoch_sums", "settings", "state"):
+        if not isinstance(ckpt.get(field), dict):
+            raise ValueError(f"its {field!r} is missing or not a mapping")
+    position = ckpt["position"]
+    for key in ("step", "epoch", "epoch_step", "epochs_done"):
+        value = position.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"its position's {key!r} is {value!r}, not a whole number of 0 or more")
+    sums = ckpt["epoch_sums"]
+    for key in ("loss_sum", "correct", "seen"):
+        if not _is_number(sums.get(key)):
+            raise ValueError(f"its epoch sums' {key!r} is {sums.get(key)!r}, not a number")
+    if sums.get("last_finite") is not None and not _is_number(sums["last_finite"]):
+        raise ValueError("its epoch sums' 'last_finite' is not a number")
+    extra = sums.get("extra", {})
+    if not isinstance(extra, dict) or not all(_is_number(v) for v in extra.values()):
+        raise ValueError("its epoch sums' 'extra' is not a mapping of numbers")
+    return ckpt
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_position(position: dict, steps_per_epoch: int, total_steps: int, epochs: int) -> None:
+    """ValueError unless `position` is a point this run can reach: a step
+    within the run, its epoch and step within the epoch consistent with it."""
+    step, epoch, epoch_step = position["step"], position["epoch"], position["epoch_step"]
+    if epoch_step:  # within an epoch (at its last step: stopped before its evaluation)
+        reachable = step == (epoch - 1) * steps_per_epoch + epoch_step and epoch_step <= steps_per_epoch
+    else:  # an epoch's end (the last one may stop early, at --max-steps)
+        reachable = step == 0 if epoch == 1 else (epoch - 2) * steps_per_epoch < step <= (epoch - 1) * steps_per_epoch
+    if not (reachable and 1 <= epoch <= epochs + 1 and position["epochs_done"] == epoch - 1 and step <= total_steps):
+        raise ValueError(f"its position (step {step}, epoch {epoch}, step {epoch_step} of the epoch) is not a "
+                         f"point of this run ({total_steps} steps, {steps_per_epoch} per epoch)")
 
 
 def check_settings(saved: dict, wanted: dict, path: Path) -> None:
@@ -117,5 +173,26 @@ def check_settings(saved: dict, wanted: dict, path: Path) -> None:
 
 def restore(ckpt: dict, target):
     """The checkpoint's state in the structure of `target` (a fresh (params,
-    optimiser state) of the same run), with the saved arrays' values and dtypes."""
+    optimiser state) of the same run), with the saved arrays' values.
+    ValueError unless the saved tree has exactly `target`'s entries, each of
+    the same shape and dtype (another model's state, a missing or extra
+    entry, a reshaped or retyped array)."""
+    saved = traverse_util.flatten_dict(ckpt["state"], sep="/")
+    wanted = traverse_util.flatten_dict(serialization.to_state_dict(target), sep="/")
+    if saved.keys() != wanted.keys():
+        missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
+        raise ValueError(f"its state is not this run's: {len(missing)} entries missing ({', '.join(missing[:2])}"
+                         f"{', ...' if len(missing) > 2 else ''}), {len(extra)} unknown "
+                         f"({', '.join(extra[:2])}{', ...' if len(extra) > 2 else ''})")
+    for key, want in wanted.items():
+        got = saved[key]
+        if not isinstance(got, (np.ndarray, np.generic, int, float)) or np.shape(got) != np.shape(want) \
+                or np.asarray(got).dtype != np.asarray(want).dtype:
+            raise ValueError(f"its state entry {key} is {_describe(got)}, this run's is {_describe(want)}")
     return serialization.from_state_dict(target, ckpt["state"])
+
+
+def _describe(value) -> str:
+    if isinstance(value, (np.ndarray, np.generic, int, float)) or hasattr(value, "dtype"):
+        return f"{np.asarray(value).dtype}{list(np.shape(value))}"
+    return type(value).__name__

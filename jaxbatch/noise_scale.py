@@ -76,12 +76,16 @@ def estimates(sq, weights, mean_grad) -> dict:
 
     B_simple is taken per epoch from the sums of numerator and denominator
     (smoothed separately, as the paper advises: one step's |G|^2 estimate
-    can be negative)."""
+    can be negative). A step with one real example (a last batch of one)
+    has no variance to estimate and adds nothing: its terms would be 0/0."""
     n = jnp.sum(weights)
-    small = jnp.sum(weights * sq) / n
+    usable = n > 1
+    m = jnp.maximum(n, 2)  # the divisions on the unused side stay finite, so 0 * them is 0
+    small = jnp.sum(weights * sq) / jnp.maximum(n, 1)
     big = sum(jnp.sum(t**2) for t in jax.tree.leaves(mean_grad))
-    return {"ns_g2": (n * big - small) / (n - 1), "ns_trace": (small - big) * n / (n - 1),
-            "ns_steps": jnp.ones((), small.dtype)}
+    keep = usable.astype(small.dtype)
+    return {"ns_g2": keep * (m * big - small) / (m - 1), "ns_trace": keep * (small - big) * m / (m - 1),
+            "ns_steps": keep}
 
 
 def epoch_figures(sums: dict) -> dict:

@@ -65,7 +65,8 @@ class AddNoise(NamedTuple):
 
         def update(updates, state, params=None, *, step, count, **extra):
             z = standard_normal(updates, step_key(dp["seed"], step))
-            return jax.tree.map(lambda g, z: g + (dp["noise"] * dp["clip"] / count) * z, updates, z), state
+            scale = dp["noise"] * dp["clip"] / count
+            return jax.tree.map(lambda g, z: g + scale.astype(g.dtype) * z, updates, z), state
 
         return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
@@ -104,6 +105,11 @@ def epsilon(sampling_rate: float, noise: float, steps: int, delta: float) -> flo
         absl.setLevel(level)
 
 
+# The noise multipliers the accountant and the training make sense for (outside,
+# the accountant overflows or divides by zero: 1e300, 1e-300).
+MIN_NOISE, MAX_NOISE = 0.01, 1e4
+
+
 def check_settings(clip, noise, delta, target_epsilon) -> None:
     """Reject settings that make no sense before anything runs."""
     if clip is not None and not clip > 0:
@@ -112,6 +118,10 @@ def check_settings(clip, noise, delta, target_epsilon) -> None:
     if noise is not None and not noise > 0:
         raise JaxbatchError(f"{{setting}} must be greater than 0, got {noise:g} (without noise there is no "
                             "privacy: clip only, with --dp-clip alone)", setting="dp_noise")
+    if noise is not None and not MIN_NOISE <= noise <= MAX_NOISE:
+        raise JaxbatchError(f"{{setting}} must be between {MIN_NOISE:g} and {MAX_NOISE:g}, got {noise:g}: below, "
+                            "epsilon grows past any meaning (at 0.1, dp-mnist's run would have epsilon 17,000); above, "
+                            "the noise buries every gradient", setting="dp_noise")
     if noise is not None and clip is None:
         raise JaxbatchError("{setting} scales noise to the clip norm: pass --dp-clip C too", setting="dp_noise")
     if not 0 < delta < 1:

@@ -41,23 +41,30 @@ def check_out(out: str | None, resume: bool, overwrite: bool) -> None:
             raise JaxbatchError("{setting} needs an output folder: pass --out DIR",
                                 setting="resume" if resume else "overwrite")
         return
-    if not out.strip():
-        raise JaxbatchError("{setting} is empty; name a folder, e.g. --out runs/mine", setting="out")
     if resume and overwrite:
         raise JaxbatchError("--resume continues the run in --out and {setting} replaces it; pass one of them",
                             setting="overwrite")
-    path = Path(out)
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    if not existing.is_dir():
-        where = "is a file" if existing == path else f"sits under {existing}, a file"
-        raise JaxbatchError(f"{out} {where}, not a folder; pass {{setting}} a folder path", setting="out")
-    held = run_files_in(path)
+    check_folder(out)
+    held = run_files_in(out)
     if held and not (resume or overwrite):
         raise JaxbatchError(f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
                             "--overwrite to replace it, or another {setting}", setting="out")
+
+
+def check_folder(out: str, setting: str = "out") -> None:
+    """Reject an output folder that cannot be, touching nothing: an empty
+    name, a path through a regular file, a place we cannot write. (The
+    benchmark and the experiments ask this too, before their work.)"""
+    if not str(out).strip():
+        raise JaxbatchError("{setting} is empty; name a folder, e.g. --out runs/mine", setting=setting)
+    path = Path(out).expanduser()
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"sits under {existing}, which is a file"
+        raise JaxbatchError(f"{out} {where}, not a folder; pass {{setting}} a folder path", setting=setting)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise JaxbatchError(f"cannot write in {existing} (permission denied); pass {{setting}} a folder you "
-                            "can write to", setting="out")
+                            "can write to", setting=setting)
 
 
 def numbered_out(base, resume: bool) -> str:

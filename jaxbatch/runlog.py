@@ -103,9 +103,11 @@ class RunFiles:
         killed) are dropped, so the resumed run writes each epoch once."""
         if self.out is None or not (self.out / "metrics.jsonl").exists():
             return []
-        lines = (self.out / "metrics.jsonl").read_text().splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
-        kept = [r for r in records if r["epoch"] <= epochs_done]
+        lines = (self.out / "metrics.jsonl").read_text(errors="replace").splitlines()
+        records = [_epoch_record(line) for line in lines if line.strip()]
+        # A torn or damaged line is dropped like a line past the checkpoint:
+        # the checkpoint, not the log, says where the run is.
+        kept = [r for r in records if r is not None and r["epoch"] <= epochs_done]
         if self.dir is not None and len(kept) != len(records):
             self._write_atomic("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
         return kept
@@ -124,6 +126,16 @@ class RunFiles:
     def params(self, params) -> None:
         if self.dir is not None:
             self._write_atomic("params.msgpack", serialization.to_bytes(params))
+
+
+def _epoch_record(line: str) -> dict | None:
+    """One metrics.jsonl line as a record, or None if it is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    return record if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def environment(mesh: Mesh) -> dict:

@@ -93,6 +93,10 @@ def gradient_fn(config: TrainConfig, model: Model, mesh):
 def optimizer_parts(config: TrainConfig, total_steps: int):
     """(the step's Optax parts: DP noise if asked, then the optimiser; their
     numbers). optim.chain puts them together inside the step."""
+    if config.schedule != "constant" and config.warmup_steps >= total_steps:
+        raise JaxbatchError(f"{{setting}} {config.warmup_steps} is as long as the run ({total_steps} steps) or "
+                            f"longer, so the learning rate would never reach --lr {config.lr:g}; pass fewer, e.g. "
+                            f"{max(1, total_steps // 10)} (a tenth of the run)", setting="warmup_steps")
     optimizer, numbers = optim.split(config.optimizer, config.lr, config.momentum, config.nesterov,
                                      config.weight_decay, config.schedule, config.warmup_steps, total_steps)
     parts = (privacy.AddNoise(), optimizer) if config.dp_noise is not None else (optimizer,)
@@ -103,7 +107,10 @@ def step_numbers(config: TrainConfig, train_ds, optimizer_numbers: dict) -> dict
     """Every number a step takes as an argument (a sweep over them compiles nothing new)."""
     stats = channel_stats(train_ds.images, config.input_scale) if config.standardize else (None, None)
     return {"inputs": input_numbers(config.input_scale, *stats, dtype=config.dtype),
-            "optimizer": optimizer_numbers, "max_loss": np.float32(config.max_loss),
+            # In the run's dtype: with JAX_ENABLE_X64 set, JAX's default float is
+            # float64, and float64 numbers would promote a float32 run's state.
+            "optimizer": {k: np.asarray(v, config.dtype) for k, v in optimizer_numbers.items()},
+            "max_loss": np.float32(config.max_loss),
             "dp": {"clip": np.asarray(config.dp_clip or 0.0, config.dtype),
                    "noise": np.asarray(config.dp_noise or 0.0, config.dtype), "seed": np.uint32(config.seed)}}
 
@@ -176,7 +183,9 @@ def as_batches(order, batch_size: int):
     steps = -(-n // batch_size)
     pad = steps * batch_size - n
     idx = jnp.concatenate([order, jnp.zeros(pad, order.dtype)]).reshape(steps, batch_size)
-    weights = jnp.concatenate([jnp.ones(n), jnp.zeros(pad)]).reshape(steps, batch_size)
+    # float32 whatever JAX's default (0 and 1 are exact in it): with JAX_ENABLE_X64
+    # set, float64 weights would promote a float32 run's gradients.
+    weights = jnp.concatenate([jnp.ones(n, jnp.float32), jnp.zeros(pad, jnp.float32)]).reshape(steps, batch_size)
     return idx, weights
 
 
@@ -276,7 +285,6 @@ def train_and_evaluate(config: TrainConfig, params=None, train_ds=None, test_ds=
 
 def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop_requested,
            closing) -> TrainResult:
-    ckpt = checkpoint.latest(config.out, config) if config.resume else None
     n = len(train_ds)
     steps_per_epoch = -(-n // config.batch_size)
     total_steps = min(steps_per_epoch * config.epochs, config.max_steps or steps_per_epoch * config.epochs)
@@ -294,8 +302,14 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     numbers = step_numbers(config, train_ds, optimizer_numbers)
     state = (params, optim.chain(optimizer, numbers).init(params))
     position = {"step": 0, "epoch": 1, "epoch_step": 0, "epochs_done": 0}
-    if ckpt is not None:
-        state, position = checkpoint.restore(ckpt, state), ckpt["position"]
+    ckpt = None
+    if config.resume:  # the newest checkpoint whose position and state fit this run
+        def usable(c):
+            checkpoint.check_position(c["position"], steps_per_epoch, total_steps, config.epochs)
+            c["state"] = checkpoint.restore(c, state)
+
+        ckpt = checkpoint.latest(config.out, config, usable)
+        state, position = ckpt["state"], ckpt["position"]
     # Everything but the batches is replicated: parameters, optimiser state,
     # the numbers, and the uint8 dataset, which goes to every device once
     # (60,000 MNIST images are 47 MB; CIFAR-10's 50,000 are 154 MB). Each step
@@ -314,7 +328,8 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     notify({"kind": "start", "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "train_size": n, "test_size": len(test_ds), "out": config.out, "devices": env["devices"],
             "device_kind": env["device_kind"], "processes": env["processes"],
-            "resumed_from": None if ckpt is None else {**position, "path": str(ckpt["path"])},
+            "resumed_from": None if ckpt is None else {**position, "path": str(ckpt["path"]),
+                                                       "skipped": ckpt["skipped"]},
             "final_epsilon": final_epsilon})
     progress = runlog.Progress(config, notify)
     history = files.history(position["epochs_done"]) if ckpt is not None else []

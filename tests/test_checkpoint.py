@@ -98,7 +98,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     second.write_bytes(second.read_bytes()[:100])
     assert checkpoint.latest(tmp_path, TrainConfig(epochs=2, out=str(tmp_path)))["path"] == first
     first.write_bytes(b"not msgpack at all")
-    with pytest.raises(JaxbatchError, match="no readable checkpoint"):
+    with pytest.raises(JaxbatchError, match="no usable checkpoint"):
         checkpoint.latest(tmp_path, TrainConfig(epochs=2, out=str(tmp_path)))
 
 

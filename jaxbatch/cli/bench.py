@@ -97,9 +97,16 @@ def run(args) -> int:
     from jaxbatch.bench.measure import device_slug
     from jaxbatch.bench.report import format_targets, write_results
     from jaxbatch.bench.run import run_benchmarks, validate
+    from jaxbatch.errors import JaxbatchError
+    from jaxbatch.rundir import check_folder
 
     config = build_config(args)
     validate(config)  # bad flags fail before the first compile
+    check_folder(args.out)  # and a place the results cannot go, before the benchmark, not after it
+    if args.name is not None and (not args.name.strip() or args.name.startswith(".") or "/" in args.name
+                                  or "\\" in args.name):
+        raise JaxbatchError(f"--name {args.name!r} is not a file name: it names the results' files inside --out "
+                            "(e.g. --name h100-run1), without / or a leading dot")
     progress = None if args.quiet else (lambda event: print(describe(event), file=sys.stderr, flush=True))
     record = run_benchmarks(config, on_progress=progress)
     name = args.name or device_slug(record["device"])

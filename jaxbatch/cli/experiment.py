@@ -33,11 +33,13 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from jaxbatch.experiments import get_experiment, make_config, run_experiment
+    from jaxbatch.rundir import check_folder
     from jaxbatch.settings import given
 
     module = get_experiment(args.experiment)
     config = make_config(args.experiment, args.quick, **given(args, module.Config))
     out = args.out or f"runs/experiments/{args.experiment}"
+    check_folder(out)  # before the experiment's work, not after it
 
     def on_progress(text: str) -> None:
         if not args.quiet:

@@ -105,6 +105,9 @@ def run(args) -> int:
                       f"{config.dp_delta:g}", flush=True)
             if event["resumed_from"]:
                 r = event["resumed_from"]
+                for name, why in r["skipped"]:
+                    print(f"jaxbatch train: skipped checkpoint {name}: {why}; taking the one before", file=sys.stderr,
+                          flush=True)
                 print(f"resuming from {r['path']}: epoch {r['epoch']}, step {r['epoch_step']} of the epoch "
                       f"({r['step']} in all)", flush=True)
         elif event["kind"] == "epoch_start" and not args.quiet:

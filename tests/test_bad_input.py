@@ -1,0 +1,66 @@
+"""Bad input that used to end in a traceback, an abort or silent nonsense:
+each is now one line naming the problem, a non-zero exit, and nothing written."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxbatch import TrainConfig, train_and_evaluate
+from jaxbatch.cli import main
+
+
+def status_and_error(capsys, *argv) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    try:
+        status = main(list(argv))
+    except SystemExit as exit_:  # refused by the flag parser
+        status = exit_.code
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--dp-clip", "1", "--dp-noise", "1e300"], "--dp-noise must be between 0.01 and 10000, got 1e+300"),
+    (["train", "--dp-clip", "1", "--dp-noise", "1e-300"], "--dp-noise must be between 0.01 and 10000, got 1e-300"),
+    (["train", "--dp-clip", "inf"], "--dp-clip: expected a finite number, got inf"),
+    (["train", "--dp-clip", "1", "--dp-noise", "inf"], "--dp-noise: expected a finite number, got inf"),
+    (["train", "--schedule", "warmup", "--warmup-steps", "1000000", "--epochs", "1"],
+     "--warmup-steps 1000000 is as long as the run (43 steps) or longer"),
+    (["bench", "--quick", "--models", "mlp", "--name", "../../x"], "--name '../../x' is not a file name"),
+    (["bench", "--quick", "--models", "mlp", "--name", "sub/dir/x"], "--name 'sub/dir/x' is not a file name"),
+    (["bench", "--quick", "--models", "mlp", "--out", "{file}"], "is a file, not a folder; pass --out a folder"),
+    (["experiment", "equality", "--quick", "--out", "{file}/x"], "sits under"),
+    (["experiment", "equality", "--models", ","], "--models: must list at least one model"),
+])
+def test_refused_before_any_work_with_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    argv = [a.format(file=tmp_path / "afile") for a in argv]
+    status, err = status_and_error(capsys, *argv, *(["--out", str(tmp_path / "run")] if argv[0] == "train" else []))
+    assert status == 2 and len(err) == 1 and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written, inside or out
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_last_batch_of_one_gives_no_nan_noise_scale():
+    # digits: 1347 = 2 * 673 + 1, so every epoch's last batch holds one example
+    result = train_and_evaluate(TrainConfig(batch_size=673, epochs=2, log_noise_scale=True, noise_scale_every=1))
+    for record in result.history:
+        assert math.isfinite(record["noise_scale"]) and record["noise_scale"] > 0
+        assert record["noise_scale_steps"] == 2  # the one-example step adds nothing
+
+
+@pytest.mark.parametrize("flags", [[], ["--dp-clip", "1", "--dp-noise", "1", "--optimizer", "adam", "--lr", "1e-3"]])
+def test_jax_enable_x64_trains_a_float32_run_to_the_same_numbers(tmp_path, flags):
+    # JAX_ENABLE_X64 makes JAX's default float float64; the run's own numbers stay float32
+    proc = subprocess.run([sys.executable, "-m", "jaxbatch", "train", "--quiet", "--epochs", "1", *flags,
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = dict(epochs=1, dp_clip=None, dp_noise=None)
+    if flags:
+        config.update(dp_clip=1.0, dp_noise=1.0, optimizer="adam", lr=1e-3)
+    expected = train_and_evaluate(TrainConfig(**config)).history[-1]["test_accuracy"]
+    assert f"test accuracy {expected:.4f} after 1 epochs" in proc.stdout

@@ -1,0 +1,147 @@
+"""Checkpoints that read but are wrong: each damage to the newest checkpoint
+is found before anything is written, the run resumes from the one before
+(saying so in one line) and ends exactly as the undamaged run; with no usable
+checkpoint left, one line and nothing altered."""
+
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+from flax import serialization
+
+from jaxbatch import TrainConfig, get_model, init_key, init_params, train_and_evaluate
+from jaxbatch.cli import main
+
+RUN = dict(epochs=2, batch_size=32)  # digits: 43 steps per epoch, checkpoints at steps 43 and 86
+FLAGS = ["--quiet", "--epochs", "2", "--batch-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train_and_evaluate(TrainConfig(**RUN, out=str(out)))
+    return out
+
+
+def files(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def first_leaf(state):
+    node, path = state, []
+    while isinstance(node, dict):
+        key = sorted(node)[0]
+        node, path = node[key], [*path, key]
+    return path
+
+
+def set_at(tree, path, value):
+    for key in path[:-1]:
+        tree = tree[key]
+    if value is None:
+        del tree[path[-1]]
+    else:
+        tree[path[-1]] = value
+
+
+def reshaped(c):
+    path = first_leaf(c["state"])
+    leaf = c["state"]
+    for key in path:
+        leaf = leaf[key]
+    set_at(c["state"], path, np.zeros((leaf.shape[0] + 1, *leaf.shape[1:]), leaf.dtype))
+
+
+def retyped(c):
+    path = first_leaf(c["state"])
+    leaf = c["state"]
+    for key in path:
+        leaf = leaf[key]
+    set_at(c["state"], path, leaf.astype(np.float64))
+
+
+def another_model(c):
+    params = init_params(get_model("cnn"), init_key(0), (8, 8, 1))
+    c["state"]["0"] = serialization.to_state_dict(params)
+
+
+DAMAGES = {
+    "wrong shape": reshaped,
+    "wrong dtype": retyped,
+    "missing entry": lambda c: set_at(c["state"], first_leaf(c["state"]), None),
+    "extra entry": lambda c: c["state"]["0"].update(surplus=np.zeros(3, np.float32)),
+    "another model's state": another_model,
+    "state not a mapping": lambda c: c.update(state=[1, 2]),
+    "no settings": lambda c: c.pop("settings"),
+    "string position": lambda c: c["position"].update(step="86"),
+    "position past the end": lambda c: c["position"].update(step=10**6),
+    "inconsistent position": lambda c: c["position"].update(epoch_step=5),
+    "sums not numbers": lambda c: c["epoch_sums"].update(seen="many"),
+}
+
+
+def damage_newest(out, damage):
+    newest = sorted((out / "checkpoints").glob("ckpt-*.msgpack"))[-1]
+    if damage == "torn":
+        newest.write_bytes(newest.read_bytes()[:-50])
+        return newest
+    c = serialization.msgpack_restore(newest.read_bytes())
+    DAMAGES[damage](c)
+    newest.write_bytes(serialization.msgpack_serialize(c))
+    return newest
+
+
+@pytest.mark.parametrize("damage", ["torn", *DAMAGES])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(finished, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    newest = damage_newest(out, damage)
+    capsys.readouterr()
+    assert main(["train", *FLAGS, "--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped checkpoint {newest.name}:" in err and "taking the one before" in err, err
+    assert "Traceback" not in err
+    # resumed from step 43: the same run to the bit
+    assert (out / "params.msgpack").read_bytes() == (finished / "params.msgpack").read_bytes()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("damage", ["position past the end", "another model's state"])
+def test_no_usable_checkpoint_is_one_line_and_nothing_altered(finished, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    for path in sorted((out / "checkpoints").glob("ckpt-*.msgpack")):
+        c = serialization.msgpack_restore(path.read_bytes())
+        DAMAGES[damage](c)
+        path.write_bytes(serialization.msgpack_serialize(c))
+    before = files(out)
+    capsys.readouterr()
+    assert main(["train", *FLAGS, "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jaxbatch train: error: no usable checkpoint in"), err
+    assert files(out) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_named_like_a_checkpoint_is_not_read(finished, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    os.remove(sorted((out / "checkpoints").glob("ckpt-*.msgpack"))[-1])
+    os.mkfifo(out / "checkpoints" / "ckpt-999999999.msgpack")  # reading it would block forever
+    assert main(["train", *FLAGS, "--out", str(out), "--resume"]) == 0
+    assert (out / "params.msgpack").read_bytes() == (finished / "params.msgpack").read_bytes()
+
+
+def test_torn_and_garbage_metrics_lines_are_dropped_on_resume(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    os.remove(sorted((out / "checkpoints").glob("ckpt-*.msgpack"))[-1])  # resume from the end of epoch 1
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_loss": 0.5, "tes\n[1, 2]\n\x00\x01garbage\n{"epoch": "2"}\n')
+    assert main(["train", *FLAGS, "--out", str(out), "--resume"]) == 0
+    original = (finished / "metrics.jsonl").read_text().splitlines()
+    resumed = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(resumed) == 2 and resumed[0] == original[0]
