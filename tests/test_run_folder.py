@@ -235,3 +235,43 @@ def test_a_signal_at_any_moment_is_one_clean_stop(tmp_path, signum, delays):
         assert "resume with:" in output, output
     if (out / "config.json").exists():  # whole or absent
         json.loads((out / "config.json").read_text())
+
+
+def test_two_runs_started_on_one_folder_leave_one_run(tmp_path):
+    out = tmp_path / "run"
+    procs = [child(["--quiet", "--epochs", "3", "--out", str(out)]) for _ in range(2)]
+    results = [finish(proc) for proc in procs]
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [0, 2], results
+    refused = next(output for status, output in results if status == 2).strip().splitlines()
+    assert len(refused) == 1, refused
+    assert "another run (process" in refused[0] or "already holds a run" in refused[0], refused
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_a_full_disk_mid_checkpoint_keeps_the_checkpoints_before(tmp_path, capsys, monkeypatch):
+    from jaxbatch import atomic, checkpoint
+
+    out = tmp_path / "run"
+    calls = []
+
+    def second_save_fills_the_disk(path, write):
+        calls.append(path)
+        if len(calls) < 2:
+            return atomic.write_atomic(path, write)
+
+        def partial_then_full(tmp):
+            write(tmp)  # the bytes reach the temporary file, then the disk is full
+            raise OSError(28, "No space left on device", str(tmp))
+
+        return atomic.write_atomic(path, partial_then_full)
+
+    monkeypatch.setattr(checkpoint, "write_atomic", second_save_fills_the_disk)
+    assert main(["train", "--quiet", "--epochs", "2", "--out", str(out)]) == 1
+    assert "No space left on device" in one_error_line(capsys)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["ckpt-000000043.msgpack"]  # the first save whole, no temporary file of the second
+    monkeypatch.undo()
+    assert main(["train", "--quiet", "--epochs", "2", "--out", str(out), "--resume"]) == 0
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
