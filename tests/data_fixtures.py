@@ -7,6 +7,7 @@ import io
 import itertools
 import pickle
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +181,38 @@ def write_image_folder(folder: Path, split: str, members: dict, as_tar: bool) ->
         write_tar(folder / f"{split}.tar.gz", members)
     else:
         write_members(folder, members)
+
+
+# ---- what a test measures --------------------------------------------------------
+
+
+def peak_bytes(call) -> int:
+    """The most memory Python and numpy held at once while `call()` ran (it may raise)."""
+    tracemalloc.start()
+    try:
+        call()
+    except Exception:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def idx_header(*shape) -> bytes:
+    return bytes([0, 0, 8, len(shape)]) + np.asarray(shape, ">u4").tobytes()
+
+
+def count_decodes(monkeypatch):
+    """How many times an image folder is decoded from here on (not served from the cache)."""
+    from jaxbatch.data import imagefolder
+
+    calls = []
+    real = imagefolder.decode_images
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(imagefolder, "decode_images", counting)
+    return calls

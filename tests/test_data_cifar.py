@@ -1,6 +1,7 @@
 """CIFAR-10's binary and python layouts, loose and in the official tarballs."""
 
 import pickle
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -132,3 +133,38 @@ def test_pickle_that_runs_code_is_refused(tmp_path, capsys):
     (folder / "test_batch").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
     expect_error(tmp_path, capsys, "test", "test_batch", "refusing")
     assert "this must not run" not in capsys.readouterr().out
+
+
+def test_oversized_loose_batch_is_refused_unread(tmp_path, capsys):
+    """A loose batch larger than any official one (sparse: 64 MiB + 1 that cost no disk) is refused
+    from its size, as a tarball member is: nothing of it is read."""
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    with open(folder / "test_batch.bin", "wb") as f:
+        f.truncate((64 << 20) + 1)
+    tracemalloc.start()
+    try:
+        expect_error(tmp_path, capsys, "test", "test_batch.bin: 67108865 bytes, more than 67108864")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+@pytest.mark.parametrize("layout", ["python-folder", "python-tar"])
+def test_batch_with_no_images_is_refused(tmp_path, capsys, layout):
+    """A well-formed batch of 0 images: the split would be empty (ZeroDivisionError after training)."""
+    batch = pickle.dumps({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, protocol=3)
+    folder = tmp_path / "cifar10"
+    (folder / "cifar-10-batches-py").mkdir(parents=True)
+    if layout == "python-tar":
+        write_tar(folder / "cifar-10-python.tar.gz", {"cifar-10-batches-py/test_batch": batch})
+    else:
+        (folder / "cifar-10-batches-py" / "test_batch").write_bytes(batch)
+    expect_error(tmp_path, capsys, "test", "holds no examples")
+
+
+def test_more_records_than_the_official_split_are_refused(tmp_path, capsys):
+    images, labels = random_split(10001, (32, 32, 3))
+    write_layout(tmp_path, "binary-loose", "test", images, labels)
+    expect_error(tmp_path, capsys, "test", "10001 examples, more than the 10000 a cifar10 split may hold")

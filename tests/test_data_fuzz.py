@@ -27,15 +27,24 @@ import os
 import pickle
 import subprocess
 import tarfile
-import tracemalloc
 import zlib
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
-from data_fixtures import (cifar_binary_bytes, cifar_pickle_bytes, cifar_py2_pickle_bytes, idx_bytes,
-                           image_bytes, image_folder_members, random_split, write_tar)
+from data_fixtures import (
+    cifar_binary_bytes,
+    cifar_pickle_bytes,
+    cifar_py2_pickle_bytes,
+    idx_bytes,
+    idx_header,
+    image_bytes,
+    image_folder_members,
+    peak_bytes,
+    random_split,
+    write_tar,
+)
 
 from jaxbatch.data import load
 from jaxbatch.data.cifar import RECORD, parse_pickle
@@ -319,25 +328,7 @@ def test_fuzzed_files(kind, tmp_path, cache):
     assert tally["error"] > 0 and sum(tally.values()) >= 30
 
 
-
 # --- Headers claiming huge sizes -------------------------------------------------------------------
-
-
-def peak_bytes(call) -> int:
-    """The most memory Python and numpy held at once while `call()` ran (it may raise)."""
-    tracemalloc.start()
-    try:
-        call()
-    except Exception:
-        pass
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    return peak
-
-
-def idx_header(*shape) -> bytes:
-    return bytes([0, 0, 8, len(shape)]) + np.asarray(shape, ">u4").tobytes()
 
 
 def write_mnist(tmp_path: Path, images: bytes, labels: bytes, gz: bool) -> Path:
@@ -405,10 +396,10 @@ BOMB = 64 << 20  # 64 MiB of zeros, about 65 KB gzipped
     (idx_header(*HUGE), BOMB, "more than a gzip file of", 1 << 20),  # a claim beyond deflate's 1032:1
     (idx_header(12, 28, 28), BOMB, "holds more than the 9424 bytes", 1 << 20),  # a small claim, 64 MiB behind
     (b"", BOMB, "IDX magic number 0x00000000", 1 << 20),  # zeros from the first byte
-    # A claim the file's size allows (64 KB of noise make it big enough) with 4 MiB there: unpacked
-    # in 1 MiB chunks, then joined, so about twice what is really there.
+    # A claim the file's size and the catalogue allow (60,000 images: 64 KB of noise make the file big
+    # enough) with 4 MiB there: read into one buffer of the claimed 47,040,000 bytes, plus a chunk or two.
     (idx_header(60000, 28, 28) + np.random.default_rng(0).bytes(1 << 16), 4 << 20,
-     "need 47040016 bytes but the file has 4259856", 10 << 20),
+     "need 47040016 bytes but the file has 4259856", 47_040_000 + (4 << 20)),
 ], ids=["claim-2**63", "claim-9424-of-64MiB", "no-header", "claim-above-what-is-there"])
 def test_gzip_bomb_is_unpacked_no_further_than_the_header_allows(tmp_path, cache, prefix, zeros, needle, most):
     bomb = zeros_gzip(prefix, zeros)

@@ -1,10 +1,17 @@
 """IDX files (MNIST, Fashion-MNIST, KMNIST): exact round trip and every bad input."""
 
 import gzip
+import os
 
 import numpy as np
 import pytest
-from data_fixtures import idx_bytes, random_split, write_idx_split
+from data_fixtures import (
+    idx_bytes,
+    idx_header,
+    peak_bytes,
+    random_split,
+    write_idx_split,
+)
 
 from jaxbatch.cli import main
 from jaxbatch.data import load
@@ -131,3 +138,93 @@ def test_bad_gzip(tmp_path, capsys, damage):
 def test_parse_idx_rejects_short_header():
     with pytest.raises(JaxbatchError, match="header"):
         parse_idx(bytes([0, 0, 8, 3, 0, 0]), 3)
+
+
+# Claims the catalogue rules out are refused from the header, before the body is read or a buffer made.
+
+
+def write_gz_pair(tmp_path, images_packed: bytes, n_labels=12):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(images_packed)
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(n_labels, np.uint8))))
+
+
+def test_gzip_claim_within_deflate_ratio_is_refused_by_the_catalogue(tmp_path, capsys):
+    """The user's file: 11.7 MB of gzip claiming 12 GB. It fits deflate's 1032:1, so only the
+    catalogue (60,000 MNIST training images) rules it out; the old loader unpacked 7.4 GB."""
+    count = 15_306_123  # x 784 bytes: 12.0 GB
+    packed = gzip.compress(idx_header(count, 28, 28) + np.random.default_rng(0).bytes(11_700_000), compresslevel=0)
+    assert 16 + count * 784 <= 1032 * len(packed)  # within what deflate's ratio lets the file hold
+    write_gz_pair(tmp_path, packed)
+    one_line_error(tmp_path, "train-images-idx3-ubyte.gz", f"IDX header claims {count} images",
+                   "more than the 60000 of mnist train")
+    assert peak_bytes(lambda: load("mnist", "train", data_dir=tmp_path, source="files")) < 1 << 20
+    check_cli_fails(tmp_path, capsys, "more than the 60000 of mnist train")
+
+
+def test_plain_file_claiming_more_than_the_split_is_not_read(tmp_path):
+    """A plain file whose size matches its claim of 60,001 images (sparse: 47 MB that cost no disk)."""
+    images, labels = good_pair()
+    write_pair(tmp_path, b"", labels)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte"
+    path.write_bytes(idx_header(60001, 28, 28))
+    os.truncate(path, 16 + 60001 * 784)
+    one_line_error(tmp_path, "train-images-idx3-ubyte", "claims 60001 images, more than the 60000 of mnist train")
+    assert peak_bytes(lambda: load("mnist", "train", data_dir=tmp_path, source="files")) < 1 << 20
+
+
+@pytest.mark.parametrize("shape,needle", [
+    ((0, 28, 28), "holds 0 images"),
+    ((10001, 28, 28), "claims 10001 images, more than the 10000 of mnist test"),
+    ((5, 20, 28), "images have shape (20, 28, 1), but mnist images are (28, 28, 1)"),
+    ((5, 28, 27), "images have shape (28, 27, 1)"),
+])
+@pytest.mark.parametrize("gz", [False, True])
+def test_header_claims_refused_before_any_buffer(tmp_path, monkeypatch, shape, needle, gz):
+    """No buffer exists when the header is refused: np.empty fails the test if called."""
+    body = idx_header(*shape) + bytes(int(np.prod(shape)))
+    labels = idx_bytes(np.zeros(5, np.uint8))
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    suffix = ".gz" if gz else ""
+    (folder / f"t10k-images-idx3-ubyte{suffix}").write_bytes(gzip.compress(body) if gz else body)
+    (folder / f"t10k-labels-idx1-ubyte{suffix}").write_bytes(gzip.compress(labels) if gz else labels)
+
+    def no_buffer(*args, **kwargs):
+        raise AssertionError("a buffer was made before the header was checked")
+
+    monkeypatch.setattr(np, "empty", no_buffer)
+    with pytest.raises(JaxbatchError) as err:
+        load("mnist", "test", data_dir=tmp_path, source="files")
+    assert "\n" not in str(err.value) and f"t10k-images-idx3-ubyte{suffix}: " in str(err.value)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("which", ["images", "labels"])
+def test_empty_split_is_refused_at_load_time(tmp_path, capsys, which):
+    """0 items: ZeroDivisionError after training and "mean pixel nan" from `data check`, before."""
+    images, labels = random_split(12, (28, 28, 1))
+    if which == "images":
+        images, labels = images[:0], labels[:0]
+    else:
+        labels = labels[:0]
+    write_idx_split(tmp_path / "mnist", "test", images, labels)
+    with pytest.raises(JaxbatchError) as err:
+        load("mnist", "test", data_dir=tmp_path, source="files")
+    name = "t10k-images-idx3-ubyte.gz" if which == "images" else "t10k-labels-idx1-ubyte.gz"
+    assert f"{name}: holds 0 {which}" in str(err.value) and "\n" not in str(err.value)
+    rc = main(["data", "check", "mnist", "--split", "test", "--data-dir", str(tmp_path)])
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and f"{name}: holds 0 {which}" in lines[0] and "nan" not in out.out
+
+
+@pytest.mark.parametrize("body,needle", [
+    (bytes(12 * 784 - 1), "need 9424 bytes but the file has 9423"),  # the stream ends one byte early
+    (bytes(12 * 784 + 1), "holds more than the 9424 bytes"),  # one byte after the claim
+])
+def test_gzip_stream_shorter_or_longer_than_its_claim(tmp_path, body, needle):
+    """Both gzip files are whole (CRC right): only the claim says the body is wrong."""
+    write_gz_pair(tmp_path, gzip.compress(idx_header(12, 28, 28) + body))
+    one_line_error(tmp_path, "train-images-idx3-ubyte.gz", needle)

@@ -1,12 +1,21 @@
 """Image folders (`<split>/<class>/*.png|jpg`), as folders and tarballs, and their cache."""
 
 import dataclasses
+import io
 import os
 
 import numpy as np
 import pytest
-from data_fixtures import (CIFAR10_CLASSES, image_bytes, image_folder_members, random_split,
-                           write_image_folder, write_members, write_tar)
+from data_fixtures import (
+    CIFAR10_CLASSES,
+    count_decodes,
+    image_bytes,
+    image_folder_members,
+    random_split,
+    write_image_folder,
+    write_members,
+    write_tar,
+)
 
 import jaxbatch.data as data_module
 from jaxbatch.cli import main
@@ -57,18 +66,6 @@ def test_catalogue_class_order_wins_over_sorted(monkeypatch):
     assert index["truck"] == 0 and index["airplane"] == 9
     sorted_index = imagefolder.class_index(set("jihgfedcba"), get_spec("fashion_mnist"), "here")
     assert sorted_index["a"] == 0 and sorted_index["j"] == 9
-
-
-def count_decodes(monkeypatch):
-    calls = []
-    real = imagefolder.decode_images
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(imagefolder, "decode_images", counting)
-    return calls
 
 
 def test_cache_is_reused_then_invalidated(tmp_path, monkeypatch, own_cache):
@@ -233,3 +230,86 @@ def test_nothing_half_written_after_a_failed_decode(tmp_path, capsys, own_cache)
     write_members(tmp_path / "cifar10", members)
     expect_error(tmp_path, capsys, "broken.jpg")
     assert not own_cache.exists() or not any(own_cache.iterdir())
+
+
+def png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit PNG of uint16 pixels (H, W) grey or (H, W, 3) RGB, written chunk by chunk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = pixels.shape[:2]
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("as_tar", [False, True])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_png_is_refused(tmp_path, capsys, own_cache, as_tar, channels):
+    """Pillow clips 16-bit grey to 255 (40000 -> 255) and truncates 16-bit RGB: refused, naming the file."""
+    from PIL import Image
+
+    name, shape = ("mnist", (28, 28)) if channels == 1 else ("cifar10", (32, 32))
+    folders = DIGIT_FOLDERS if channels == 1 else CIFAR10_CLASSES
+    images, labels = random_split(12, (*shape, channels))
+    members = image_folder_members("train", images, labels, folders)
+    deep = np.full(shape if channels == 1 else (*shape, 3), 40000, np.uint16)
+    members[f"train/{folders[3]}/deep.png"] = png16(deep)
+    assert Image.open(io.BytesIO(png16(deep))).size == shape[::-1]  # a valid PNG Pillow would read
+    write_image_folder(tmp_path / name, "train", members, as_tar)
+    with pytest.raises(JaxbatchError) as err:
+        load(name, "train", data_dir=tmp_path, source="files")
+    assert "deep.png: a 16-bit PNG; jaxbatch reads 8-bit images only" in str(err.value)
+    assert "\n" not in str(err.value)
+    rc = main(["data", "check", name, "--split", "train", "--data-dir", str(tmp_path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "deep.png: a 16-bit PNG" in lines[0]
+    assert not own_cache.exists() or not any(own_cache.iterdir())  # nothing cached from a refused folder
+
+
+def test_pngs_of_fewer_bits_still_load(tmp_path):
+    """1-bit and palette PNGs are 8 bits or fewer: Pillow scales them to 0..255 exactly."""
+    from PIL import Image
+
+    images, labels = random_split(10, (28, 28, 1))
+    members = image_folder_members("train", images, labels, DIGIT_FOLDERS)
+    bits = (np.arange(28 * 28).reshape(28, 28) % 2).astype(bool)
+    palette = Image.fromarray(images[0, ..., 0]).convert("P")
+    for name, image in [("one-bit", Image.fromarray(bits)), ("palette", palette)]:
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        members[f"train/0/{name}.png"] = out.getvalue()
+    write_members(tmp_path / "mnist", members)
+    data = load("mnist", "train", data_dir=tmp_path, source="files")
+    assert len(data) == 12
+    decoded = {bytes(image) for image in data.images}
+    assert bytes((bits * 255).astype(np.uint8)[..., None]) in decoded
+
+
+def test_file_names_that_are_not_printable_stay_on_one_line(tmp_path, capsys):
+    images, labels = random_split(10, (28, 28, 1))
+    members = image_folder_members("train", images, labels, DIGIT_FOLDERS)
+    members["train/3/a\nb.png"] = b"not a PNG"
+    write_members(tmp_path / "mnist", members)
+    with pytest.raises(JaxbatchError) as err:
+        load("mnist", "train", data_dir=tmp_path, source="files")
+    assert "3/a\\nb.png'" in str(err.value) and "not a readable PNG" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_folder_with_far_more_images_than_the_split_is_refused(tmp_path, monkeypatch, own_cache, as_tar):
+    """An image folder may exceed the official count (extra images) up to 4 times, not beyond:
+    counted as images arrive, so the rest is never decoded."""
+    monkeypatch.setitem(data_module.DATASETS, "mnist",
+                        dataclasses.replace(get_spec("mnist"), sizes={"train": 5, "test": 5}))
+    for n, folder in [(21, "too-many"), (20, "four-times")]:
+        members = image_folder_members("train", *random_split(n, (28, 28, 1)), DIGIT_FOLDERS)
+        write_image_folder(tmp_path / folder / "mnist", "train", members, as_tar)
+    with pytest.raises(JaxbatchError, match="more than 20 images, 4 times the 5 of mnist train") as err:
+        load("mnist", "train", data_dir=tmp_path / "too-many", source="files")
+    assert "\n" not in str(err.value) and (not own_cache.exists() or not any(own_cache.iterdir()))
+    assert len(load("mnist", "train", data_dir=tmp_path / "four-times", source="files")) == 20

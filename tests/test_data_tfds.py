@@ -57,3 +57,41 @@ def test_prepare_without_tensorflow_says_what_to_install(tmp_path):
             prepare(get_spec("mnist"), tmp_path)
     else:
         pytest.skip("TensorFlow is installed here: prepare would download")
+
+
+class Records:
+    """What tfds.data_source returns: a sequence of records, here made by `make(i)`."""
+
+    def __init__(self, count, make):
+        self.count, self.make = count, make
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        return self.make(i)
+
+
+def good(i):
+    return {"image": np.zeros((28, 28, 1), np.uint8), "label": np.int64(i % 10)}
+
+
+@pytest.mark.parametrize("records,needle", [
+    (Records(0, good), "0 records, but mnist test has 10000"),
+    (Records(10001, good), "10001 records, but mnist test has 10000"),  # refused before arrays of that size
+    (Records(5, lambda i: {"image": np.zeros((28, 28), np.uint8), "label": 0}),
+     "record 0: image is uint8 (28, 28), expected uint8 (28, 28, 1)"),  # numpy would broadcast it into place
+    (Records(5, lambda i: {"image": np.full((28, 28, 1), 1e9), "label": 0}),
+     "record 0: image is float64 (28, 28, 1)"),  # numpy would cast it to garbage
+    (Records(5, lambda i: {"image": np.zeros((28, 28, 1), np.uint8), "label": "3"}),
+     "record 0: unreadable (TypeError"),
+    (Records(5, lambda i: {"image": np.zeros((28, 28, 1), np.uint8), "label": 2**70}),
+     "record 0: label 1180591620717411303424 is outside 0..9"),  # int64 would overflow
+    (Records(5, lambda i: {"label": 0}), "record 0: unreadable (KeyError"),
+], ids=["none", "too-many", "image-2d", "image-float", "label-text", "label-2**70", "no-image"])
+def test_damaged_tfds_records_are_one_line(tmp_path, monkeypatch, records, needle):
+    monkeypatch.setattr(tfds, "data_source", lambda *args, **kwargs: records)
+    with pytest.raises(JaxbatchError) as err:
+        load("mnist", "test", data_dir=tmp_path, source="tfds")
+    message = str(err.value)
+    assert needle in message and "\n" not in message and message.startswith("TFDS mnist test in ")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
+
+from jaxbatch.cli import positive_float
 
 
 def add_parser(sub) -> None:
@@ -34,6 +38,8 @@ def add_parser(sub) -> None:
     download.add_argument("--data-dir", help=data_dir_help)
     download.add_argument("--mirror", help="base URL serving <name>/<file> instead of the official servers "
                           "(default $JAXBATCH_MIRROR)")
+    download.add_argument("--deadline", dest="deadline_s", type=positive_float, metavar="SECONDS",
+                          help="the longest one file may take (default: 60 s plus 1 s per 64 KiB of the file)")
     download.add_argument("--quiet", action="store_true", help="no progress bar")
     download.set_defaults(run=run_download)
 
@@ -114,13 +120,30 @@ def run_download(args) -> int:
             bars[name] = tqdm(total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024)
         bars[name].update(done - bars[name].n)
 
+    # SIGTERM ends the download the way Ctrl-C does, so its temporary file and any
+    # folder it created empty are removed on the way out (SIG_DFL would leave them).
+    previous = _sigterm_interrupts()
     try:
-        paths = download(get_spec(args.name), _data_dir(args), args.mirror, on_progress)
+        paths = download(get_spec(args.name), _data_dir(args), args.mirror, on_progress, args.deadline_s)
     finally:
         for bar in bars.values():
             bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(f"{args.name}: {len(paths)} files verified in {paths[0].parent}")
     return 0
+
+
+def _sigterm_interrupts():
+    """Make SIGTERM raise KeyboardInterrupt; return the handler it replaced (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return signal.SIG_DFL if previous is None else previous  # None: a handler set outside Python
 
 
 def run_prepare(args) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxbatch.data import cache, files, tfds_source
-from jaxbatch.data.catalog import DATASETS, SPLITS, check_arrays, check_split, get_spec  # noqa: F401
+from jaxbatch.data.catalog import DATASETS, SPLITS, check_arrays, check_split, get_spec, max_examples  # noqa: F401
 from jaxbatch.errors import JaxbatchError
 
 SOURCES = ("auto", "files", "tfds")
@@ -170,8 +170,15 @@ def _read(name: str, split: str, kind: str, where, state: tuple) -> Dataset:
 
 def _read_tfds(spec, split: str, data_dir: Path, state: tuple):
     decode = lambda: tfds_source.load_tfds(spec, split, data_dir)  # noqa: E731
+    where = f"TFDS {spec.tfds_name} {split} in {tfds_source.tfds_dir(data_dir)}"
+
+    def check(images, labels):
+        check_arrays(images, labels, spec, where, most=max_examples(spec, split))
+
     folder = tfds_source.prepared_dir(spec, data_dir)
     # Records are decoded one by one (seconds for 60,000): cache them like image folders.
-    images, labels = cache.cached_arrays(spec.name, split, folder, state, decode) if folder else decode()
-    check_arrays(images, labels, spec, f"TFDS {spec.tfds_name} {split} in {tfds_source.tfds_dir(data_dir)}")
+    if folder:
+        return cache.cached_arrays(spec.name, split, folder, state, decode, check)
+    images, labels = decode()
+    check(images, labels)
     return images, labels

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from jaxbatch.errors import JaxbatchError
 
 SPLITS = ("train", "test")
@@ -133,18 +135,46 @@ def one_line(text) -> str:
     return " ".join(str(text).split())
 
 
-def check_arrays(images, labels, spec: DatasetSpec, where, labels_where=None) -> None:
+# An image folder may hold more than the official split (extra or augmented
+# images), within reason: decoded pixels cost memory in proportion, and a small
+# .tar.gz of many tiny images would otherwise decide how much.
+FOLDER_HEADROOM = 4
+
+
+def max_examples(spec: DatasetSpec, split: str, official: bool = True) -> int:
+    """The most examples one split may hold: the official count for the official
+    formats (IDX, CIFAR-10 batches, TFDS), FOLDER_HEADROOM times it for an image
+    folder. Claims above it are refused before anything of their size is read."""
+    return spec.sizes[split] * (1 if official else FOLDER_HEADROOM)
+
+
+def check_arrays(images, labels, spec: DatasetSpec, where, labels_where=None, most: int | None = None) -> None:
     """Fail with one line if (images, labels) do not fit the dataset's entry.
 
+    The rule, for arrays from any source (a fresh decode or a cache entry):
+    uint8 images (N, H, W, C) of the catalogue's shape, integer labels (N,) in
+    0..classes-1, as many labels as images, and 1 <= N <= `most` (if given).
     `where` names the source in messages; `labels_where` the labels' own file, if separate.
     """
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
+        raise JaxbatchError(f"{where}: images are {kind}, not uint8 pixels; the file is corrupt or not {spec.name}'s")
     if images.shape[1:] != spec.image_shape:
         raise JaxbatchError(
             f"{where}: images have shape {images.shape[1:]}, but {spec.name} images are "
             f"{spec.image_shape} (H, W, C)"
         )
+    if not (isinstance(labels, np.ndarray) and labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer)):
+        kind = f"{labels.dtype} of shape {labels.shape}" if isinstance(labels, np.ndarray) else type(labels).__name__
+        raise JaxbatchError(f"{labels_where or where}: labels are {kind}, not integers (N,); "
+                            f"the file is corrupt or not {spec.name}'s")
     if len(images) != len(labels):
         raise JaxbatchError(f"{where}: {len(images)} images but {len(labels)} labels")
+    if len(images) == 0:  # nothing to train on or to average: a split holds at least one example
+        raise JaxbatchError(f"{where}: holds no examples; the file is incomplete, get it again")
+    if most is not None and len(images) > most:
+        raise JaxbatchError(f"{where}: {len(images)} examples, more than the {most} a {spec.name} split may hold; "
+                            "the file is corrupt or not this dataset's")
     bad = (labels < 0) | (labels >= len(spec.class_names))
     if bad.any():
         i = int(bad.argmax())

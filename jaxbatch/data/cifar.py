@@ -79,6 +79,10 @@ def _read_folder(layout: str, folder: Path, split: str) -> list[tuple[str, bytes
         file = folder / _member_name(layout, batch)
         if not file.is_file():
             raise JaxbatchError(f"{file}: missing; CIFAR-10 {split} needs {', '.join(BATCHES[split])}")
+        size = file.stat().st_size
+        if size > MAX_BATCH_BYTES:  # checked before reading: as in a tarball, the size decides what is read
+            raise JaxbatchError(f"{file}: {size} bytes, more than {MAX_BATCH_BYTES} for a CIFAR-10 batch; "
+                                "the file is corrupt or not the official one")
         out.append((str(file), file.read_bytes()))
     return out
 

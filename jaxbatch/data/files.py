@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxbatch.data import cache, cifar, idx, imagefolder
-from jaxbatch.data.catalog import DatasetSpec, check_arrays
+from jaxbatch.data.catalog import DatasetSpec, check_arrays, max_examples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,23 +47,31 @@ def find_files(spec: DatasetSpec, split: str, data_dir: Path) -> FileSource | No
 
 
 def load_files(spec: DatasetSpec, split: str, source: FileSource) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of one split from the files `find_files` chose, checked."""
+    """(images, labels) of one split from the files `find_files` chose, checked.
+
+    The same check (check_arrays) holds for a fresh decode and for a cache
+    entry read back, so a damaged or outdated entry is never used.
+    """
+    idx_pair = source.kind == "idx"
+    most = max_examples(spec, split, official=source.kind != "image-folder")
+
+    def check(images, labels):
+        check_arrays(images, labels, spec, source.files[0] if idx_pair else source.path,
+                     source.files[1] if idx_pair else None, most)
 
     def read():
-        if source.kind == "idx":
-            images, labels = idx.load_idx(*source.files)
-        elif source.kind == "image-folder":
-            images, labels = imagefolder.load_image_folder(source.path, spec)
-        else:
-            images, labels = cifar.load_cifar(source.kind.split("-")[1], source.path, split)
-        check_arrays(images, labels, spec, source.files[0] if source.kind == "idx" else source.path,
-                     source.files[1] if source.kind == "idx" else None)
-        return images, labels
+        if idx_pair:
+            return idx.load_idx(*source.files, spec, split)
+        if source.kind == "image-folder":
+            return imagefolder.load_image_folder(source.path, spec)
+        return cifar.load_cifar(source.kind.split("-")[1], source.path, split)
 
-    if source.kind == "idx" or source.path.is_dir() and source.kind != "image-folder":
-        return read()  # plain files: reading them is as fast as reading a cache
+    if idx_pair or source.path.is_dir() and source.kind != "image-folder":
+        images, labels = read()  # plain files: reading them is as fast as reading a cache
+        check(images, labels)
+        return images, labels
     state = cache.file_state(source.files)
-    return cache.cached_arrays(spec.name, split, source.path, state, read)
+    return cache.cached_arrays(spec.name, split, source.path, state, read, check)
 
 
 def expected_layouts(spec: DatasetSpec, split: str, data_dir: Path) -> str:

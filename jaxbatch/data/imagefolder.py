@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from jaxbatch.data import tarballs
-from jaxbatch.data.catalog import DatasetSpec, one_line
+from jaxbatch.data.catalog import FOLDER_HEADROOM, DatasetSpec, max_examples, one_line
 from jaxbatch.errors import JaxbatchError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -34,6 +34,7 @@ WORKERS = 2
 PARALLEL_MIN = 2048  # below this, a pool costs more than it saves
 CHUNK = 2500  # images per task
 MAX_IMAGE_BYTES = 1 << 24  # no PNG or JPEG of a catalogued image size comes near 16 MiB
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def image_folder_source(folder: Path, split: str) -> Path | None:
@@ -62,6 +63,7 @@ def load_image_folder(
     on disk or in the archive.
     """
     split = source.name.split(".")[0]
+    most = max_examples(spec, split, official=False)
     counts = {}  # class folder -> number of images in it
     keys = []  # (class folder, display name) of each image, in reading order
 
@@ -70,6 +72,9 @@ def load_image_folder(
         for class_name, where, payload in entries:
             counts[class_name] = counts.get(class_name, 0) + (payload is not None)
             if payload is not None:
+                if len(keys) == most:  # counted as they come: refused before the extra ones are decoded
+                    raise JaxbatchError(f"{source}: more than {most} images, {FOLDER_HEADROOM} times the "
+                                        f"{spec.sizes[split]} of {spec.name} {split}; is it the right folder?")
                 keys.append((class_name, where))
                 yield where, payload
 
@@ -115,23 +120,28 @@ def _check_image_name(name: str, where: str) -> None:
         raise JaxbatchError(f"{where}: not a PNG or JPEG image (expected .png, .jpg or .jpeg)")
 
 
+def shown(path: Path) -> str:
+    """A path for messages: quoted if it is not printable text (a name may hold a newline)."""
+    return str(path) if str(path).isprintable() else ascii(str(path))
+
+
 def _walk_folder(root: Path):
     """(class folder, display name, path) for `root/<class>/<image>`; path None for a folder."""
     for entry in sorted(root.iterdir()):
         if _is_hidden([entry.name]):
             continue
         if not entry.is_dir():
-            raise JaxbatchError(f"{entry}: files must sit inside class folders (<split>/<class>/)")
-        yield entry.name, str(entry), None
+            raise JaxbatchError(f"{shown(entry)}: files must sit inside class folders (<split>/<class>/)")
+        yield entry.name, shown(entry), None
         for path in sorted(entry.iterdir()):
             if _is_hidden([path.name]):
                 continue
             if path.is_dir():
-                raise JaxbatchError(f"{path}: nested folders are not part of the image-folder layout")
+                raise JaxbatchError(f"{shown(path)}: nested folders are not part of the image-folder layout")
             if not path.is_file():
-                raise JaxbatchError(f"{path}: not a regular file; a class folder holds only images")
-            _check_image_name(path.name, str(path))
-            yield entry.name, str(path), path
+                raise JaxbatchError(f"{shown(path)}: not a regular file; a class folder holds only images")
+            _check_image_name(path.name, shown(path))
+            yield entry.name, shown(path), path
 
 
 def _walk_tar(path: Path, split: str):
@@ -181,19 +191,41 @@ def _decode_chunk(items: list, shape: tuple) -> np.ndarray:
     return out
 
 
+def png_bit_depth(head: bytes) -> int | None:
+    """Bits per sample from the IHDR of a PNG file starting with `head`, or None if it is not one.
+
+    IHDR is always the first chunk: the 8-byte signature, its length and
+    type (8), width and height (8), then the bit depth, byte 24.
+    """
+    if len(head) > 24 and head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR":
+        return head[24]
+    return None
+
+
 def _decode_one(where: str, source, shape: tuple) -> np.ndarray:
-    """One image's pixels, (H, W, C); its size is checked from its header, before decoding."""
+    """One image's pixels, (H, W, C); its size and bit depth are checked from its header, before decoding.
+
+    Only 8-bit images are read (and PNGs of 1, 2 or 4 bits, which Pillow
+    scales to 0..255). A 16-bit PNG is refused: Pillow clips 16-bit grey to
+    255 when it converts to 8 bits (and truncates 16-bit colour), and scaling
+    it here would still not give the 8-bit pixels the dataset is made of.
+    """
     from PIL import Image
 
     mode = "L" if shape[2] == 1 else "RGB"
     try:
-        fp = io.BytesIO(source) if isinstance(source, bytes) else source
-        with Image.open(fp, formats=["PNG", "JPEG"]) as image:
-            width, height = image.size  # from the header: an 8000x8000 claim is refused undecoded
-            if (height, width) == shape[:2]:
-                pixels = np.asarray(image if image.mode == mode else image.convert(mode))
+        with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as fp:
+            depth = png_bit_depth(fp.read(25))
+            fp.seek(0)
+            with Image.open(fp, formats=["PNG", "JPEG"]) as image:
+                width, height = image.size  # from the header: an 8000x8000 claim is refused undecoded
+                if (height, width) == shape[:2] and not (depth and depth > 8):
+                    pixels = np.asarray(image if image.mode == mode else image.convert(mode))
     except Exception as err:  # Pillow raises many types for one cause: unreadable data
         raise JaxbatchError(f"{where}: not a readable PNG or JPEG image ({one_line(err)})")
+    if depth and depth > 8:
+        raise JaxbatchError(f"{where}: a {depth}-bit PNG; jaxbatch reads 8-bit images only (converting would "
+                            "clip or round every pixel): save it with 8 bits per channel")
     if (height, width) != shape[:2]:
         raise JaxbatchError(f"{where}: image is {width}x{height} pixels, expected {shape[1]}x{shape[0]}")
     return pixels.reshape(shape)

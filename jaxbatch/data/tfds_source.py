@@ -7,11 +7,12 @@ ArrayRecord) does need TensorFlow: `pip install -e ".[tfds]"`.
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 
 import numpy as np
 
-from jaxbatch.data.catalog import DatasetSpec
+from jaxbatch.data.catalog import DatasetSpec, max_examples, one_line
 from jaxbatch.errors import JaxbatchError
 
 INSTALL_HINT = 'pip install -e ".[tfds]" (or: pip install tensorflow importlib_resources)'
@@ -53,13 +54,34 @@ def load_tfds(spec: DatasetSpec, split: str, data_dir: Path) -> tuple[np.ndarray
             f"no prepared TFDS copy of {spec.name} {split} in {folder}{reason}; "
             f"run `jaxbatch data prepare {spec.name}`"
         )
-    images = np.empty((len(records), *spec.image_shape), np.uint8)
-    labels = np.empty(len(records), np.int64)
-    for i in range(len(records)):  # one by one: records[i] is the access every TFDS version supports
-        record = records[i]
-        images[i] = record["image"]
-        labels[i] = record["label"]
+    where = f"TFDS {spec.tfds_name} {split} in {folder}"
+    count, most = len(records), max_examples(spec, split)
+    if not 0 < count <= most:  # checked before the arrays are made: their size follows the count
+        raise JaxbatchError(f"{where}: {count} records, but {spec.name} {split} has {most}; the prepared copy "
+                            f"is damaged: delete it and run `jaxbatch data prepare {spec.name}`")
+    images = np.empty((count, *spec.image_shape), np.uint8)
+    labels = np.empty(count, np.int64)
+    for i in range(count):  # one by one: records[i] is the access every TFDS version supports
+        images[i], labels[i] = _record(records, i, spec, f"{where}, record {i}")
     return images, labels
+
+
+def _record(records, i: int, spec: DatasetSpec, where: str) -> tuple[np.ndarray, int]:
+    """Record `i`'s image, uint8 of the dataset's shape (numpy would cast or broadcast
+    anything else into place), and its integer label."""
+    try:
+        record = records[i]
+        image, label = np.asarray(record["image"]), record["label"]
+        label = operator.index(label)  # an integer of any kind, never a float or a string
+    except Exception as err:  # a damaged record fails inside TFDS or its decoders in many ways
+        raise JaxbatchError(f"{where}: unreadable ({type(err).__name__}: {one_line(err)}); delete the "
+                            f"prepared copy and run `jaxbatch data prepare {spec.name}`")
+    if image.dtype != np.uint8 or image.shape != spec.image_shape:
+        raise JaxbatchError(f"{where}: image is {image.dtype} {image.shape}, expected uint8 {spec.image_shape}; "
+                            f"delete the prepared copy and run `jaxbatch data prepare {spec.name}`")
+    if not 0 <= label < len(spec.class_names):
+        raise JaxbatchError(f"{where}: label {label} is outside 0..{len(spec.class_names) - 1}")
+    return image, label
 
 
 def prepare(spec: DatasetSpec, data_dir: Path) -> Path:
