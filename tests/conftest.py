@@ -51,7 +51,8 @@ def real_data_dir():
 # with `-n auto --dist loadscope` each module runs whole on one worker, in
 # collection order, so one of them starting last would leave the other
 # workers idle at the end.
-LONGEST_FIRST = ("test_parallel.py", "test_resume.py", "test_bench.py", "test_privacy.py", "test_experiments.py")
+LONGEST_FIRST = ("test_parallel.py", "test_resume.py", "test_bench.py", "test_privacy.py", "test_experiments.py",
+                 "test_gpu_report.py")
 
 
 # The fast tier leaves these out: tests/slow_tests.txt names each test (or

@@ -80,11 +80,15 @@ def matmul_peak(matmul: Callable, pairs: list, sync: Callable, **timing) -> dict
             "flops_per_s": 2 * n**3 / t.min_s, "flops_per_s_median": 2 * n**3 / t.median_s}
 
 
-def jax_matmul_peak(n: int, **timing) -> dict:
-    """The matmul peak in JAX, at its default precision, as the models' products run."""
+def jax_matmul_peak(n: int, dtype=None, precision=None, **timing) -> dict:
+    """The matmul peak in JAX: by default float32 at the default precision, as the models' products
+    run; `dtype` (e.g. jnp.bfloat16) and `precision` (jnp.matmul's: "highest", a
+    jax.lax.DotAlgorithmPreset such as TF32_TF32_F32) measure the device's other rates."""
     keys = jax.random.split(jax.random.key(0), 6)
-    pairs = [(jax.random.normal(keys[2 * i], (n, n)), jax.random.normal(keys[2 * i + 1], (n, n))) for i in range(3)]
-    return matmul_peak(jax.jit(jnp.matmul), pairs, jax.block_until_ready, **timing)
+    pairs = [(jax.random.normal(keys[2 * i], (n, n), dtype), jax.random.normal(keys[2 * i + 1], (n, n), dtype))
+             for i in range(3)]
+    matmul = jnp.matmul if precision is None else functools.partial(jnp.matmul, precision=precision)
+    return matmul_peak(jax.jit(matmul), pairs, jax.block_until_ready, **timing)
 
 
 def unless_out_of_memory(run: Callable[[], dict], skipped: Callable[[str], dict]) -> dict:
