@@ -28,8 +28,14 @@ def write_all_atomic(writes: dict) -> list[Path]:
     staged = [(Path(path), write) for path, write in writes.items()]
     temporary = [path.with_name(f".{path.name}.{os.getpid()}.tmp") for path, _ in staged]
     try:
-        for tmp, (_, write) in zip(temporary, staged):
-            write(tmp)
+        for tmp, (path, write) in zip(temporary, staged):
+            try:
+                write(tmp)
+            except OSError as err:
+                if err.filename is not None and str(err.filename) == str(tmp):
+                    # name the file the user asked for, not its temporary name
+                    raise OSError(err.errno, err.strerror, str(path)) from err
+                raise
         for tmp, (path, _) in zip(temporary, staged):
             os.replace(tmp, path)
     finally:

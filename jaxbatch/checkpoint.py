@@ -36,7 +36,7 @@ from jaxbatch.errors import JaxbatchError
 FORMAT = 1
 # Settings that do not change a run's numbers, so a resume may change them.
 FREE_SETTINGS = {"out", "overwrite", "data_dir", "source", "resume", "checkpoint_every", "keep", "steps_per_chunk",
-                 "unroll", "eval_batch_size", "devices", "record_steps", "dp_epsilon"}
+                 "unroll", "eval_batch_size", "devices", "record_steps", "dp_epsilon", "dp_nonprivate_metrics"}
 
 
 def folder(out) -> Path:

@@ -70,8 +70,19 @@ class TrainConfig:
     dp_noise: float | None = setting(None, "DP-SGD: add Gaussian noise of std SIGMA * C to the clipped sum; "
                                      "epsilon is reported", type=float, metavar="SIGMA", group=PRIVACY)
     dp_delta: float = setting(1e-5, "the delta of epsilon", metavar="DELTA", group=PRIVACY)
-    dp_epsilon: float | None = setting(None, "a privacy budget: refuse to start a run whose epsilon would "
-                                       "exceed it", type=float, metavar="EPS", group=PRIVACY)
+    dp_epsilon: float | None = setting(None, "a privacy budget: without --dp-noise, the noise multiplier is "
+                                       "chosen so the run ends at this epsilon (PLD); with it, a run that would "
+                                       "exceed it is refused", type=float, metavar="EPS", group=PRIVACY)
+    dp_sampling: str = setting("poisson", "how DP-SGD batches are drawn: poisson (each example joins each step "
+                               "with probability B/N: what epsilon is proved for) or shuffle (fixed-size shuffled "
+                               "batches, for comparison: epsilon is then not a guarantee)",
+                               choices=privacy.SAMPLINGS, kind="sampling", group=PRIVACY)
+    dp_physical_batch: int | None = setting(None, "process each (logical) batch in microbatches of at most N "
+                                            "examples, summed: memory for N, the result of the whole batch",
+                                            type=int, at_least=1, metavar="N", group=PRIVACY)
+    dp_nonprivate_metrics: bool = setting(False, "also log train loss and accuracy and the clipping figures of a "
+                                          "DP-SGD run, computed without noise, so not covered by its epsilon "
+                                          "(kept under 'nonprivate' in metrics.jsonl)", group=PRIVACY)
     dp_chunk: int | None = setting(None, "clip N examples at a time (less memory; default: the whole batch)",
                                    type=int, at_least=1, metavar="N", group=PRIVACY)
     log_noise_scale: bool = setting(False, "log the gradient noise scale B_simple every epoch", group=PRIVACY)
@@ -112,6 +123,19 @@ def validate(config: TrainConfig) -> None:
         if config.log_noise_scale:
             raise JaxbatchError("the noise scale reads unclipped per-example gradients, which a private run "
                                 "must not release; drop {setting} or the --dp- flags", setting="log_noise_scale")
+    if config.dp_physical_batch is not None and config.dp_clip is None:
+        raise JaxbatchError("{setting} splits the per-example work of clipping; it needs --dp-clip",
+                            setting="dp_physical_batch")
     optim.check_schedule(config.schedule, config.warmup_steps)
     optim.check_nesterov(config.optimizer, config.nesterov, config.momentum)
     data_lib.get_spec(config.dataset)
+
+
+def is_private(config: TrainConfig) -> bool:
+    """Whether the run is DP-SGD: noise given, or a budget it is calibrated to."""
+    return config.dp_clip is not None and (config.dp_noise is not None or config.dp_epsilon is not None)
+
+
+def poisson(config: TrainConfig) -> bool:
+    """Whether the run's batches are drawn by Poisson sampling (privacy.poisson_batches)."""
+    return is_private(config) and config.dp_sampling == "poisson"

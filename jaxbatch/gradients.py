@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from jaxbatch.chunks import chunked_sum
 from jaxbatch.losses import clipped_grad_sum
 
 
@@ -69,15 +70,25 @@ class ClippedGrad(NamedTuple):
     apply_fn: Callable
     chunk: int | None = None
     mesh: Mesh | None = None
+    expected: bool = False  # divide by the expected batch size numbers["dp"]["batch"] (Poisson batches)
+    physical: int | None = None  # microbatches of at most this many examples (jaxbatch/chunks.py)
 
     def __call__(self, params, x, labels, weights, step, numbers):
         clip = numbers["dp"]["clip"]
-        total, per_example = clipped_grad_sum(self.apply_fn, params, x, labels, clip, weights, chunk=self.chunk,
-                                              mesh=self.mesh)
+
+        def clipped_sum(arrays, w):
+            return clipped_grad_sum(self.apply_fn, params, *arrays, clip, w, chunk=self.chunk, mesh=self.mesh)
+
+        # A logical batch in physical microbatches: the clipped sum is a sum over
+        # examples, so adding the microbatches' sums is the whole batch's.
+        total, per_example = chunked_sum(clipped_sum, self.physical or len(weights), (x, labels), weights)
         n = jnp.sum(weights)
         norms = per_example["norms"]
         sums = {"clipped": jnp.sum(weights * (norms > clip)), "norm_sum": jnp.sum(weights * norms)}
-        grads = jax.tree.map(lambda t: t / n, total)
+        # Poisson batches vary in size; the noise is calibrated for the sum, so
+        # both are divided by the expected size B (Opacus, jax_privacy).
+        denominator = numbers["dp"]["batch"] if self.expected else n
+        grads = jax.tree.map(lambda t: t / denominator.astype(t.dtype), total)
         return grads, jnp.sum(weights * per_example["losses"]) / n, per_example["outputs"], sums
 
 

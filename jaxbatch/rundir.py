@@ -63,8 +63,8 @@ def check_folder(out: str, setting: str = "out") -> None:
         where = "is a file" if existing == path else f"sits under {existing}, which is a file"
         raise JaxbatchError(f"{out} {where}, not a folder; pass {{setting}} a folder path", setting=setting)
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise JaxbatchError(f"cannot write in {existing} (permission denied); pass {{setting}} a folder you "
-                            "can write to", setting=setting)
+        raise JaxbatchError(f"cannot write in {existing} (no permission, or a read-only filesystem); pass "
+                            "{setting} a folder you can write to", setting=setting)
 
 
 def numbered_out(base, resume: bool) -> str:

@@ -22,6 +22,8 @@ counts once per epoch; a NaN, infinite or exploded loss raises `Diverged`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import time
 from functools import partial
 from typing import Any, Callable, NamedTuple
@@ -33,7 +35,7 @@ import optax
 
 from jaxbatch import backends, checkpoint, devices, optim, privacy, runlog
 from jaxbatch import data as data_lib
-from jaxbatch.config import TrainConfig, validate  # noqa: F401  (the run's settings live there)
+from jaxbatch.config import TrainConfig, is_private, poisson, validate  # noqa: F401  (the run's settings live there)
 from jaxbatch.data.inputs import channel_stats, input_numbers, normalize
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.gradients import BatchGrad, ClippedGrad, clip_figures, layer_norms
@@ -85,7 +87,8 @@ def gradient_fn(config: TrainConfig, model: Model, mesh):
         raise JaxbatchError(f"{{setting}} forms per-example gradients, which are computed on one device only; "
                             f"drop it (ghost norms work on all {mesh.size}) or pass --devices 1", setting="dp_chunk")
     if config.dp_clip is not None:
-        return ClippedGrad(model.apply, config.dp_chunk, several)
+        return ClippedGrad(model.apply, config.dp_chunk, several, expected=poisson(config),
+                           physical=config.dp_physical_batch)
     grad = BatchGrad(model.apply, LOSSES[config.loss], config.loss_reduction)
     return NoiseScale(grad, config.noise_scale_every, several) if config.log_noise_scale else grad
 
@@ -99,7 +102,7 @@ def optimizer_parts(config: TrainConfig, total_steps: int):
                             f"{max(1, total_steps // 10)} (a tenth of the run)", setting="warmup_steps")
     optimizer, numbers = optim.split(config.optimizer, config.lr, config.momentum, config.nesterov,
                                      config.weight_decay, config.schedule, config.warmup_steps, total_steps)
-    parts = (privacy.AddNoise(), optimizer) if config.dp_noise is not None else (optimizer,)
+    parts = (privacy.AddNoise(expected=poisson(config)), optimizer) if config.dp_noise is not None else (optimizer,)
     return parts, numbers
 
 
@@ -112,7 +115,8 @@ def step_numbers(config: TrainConfig, train_ds, optimizer_numbers: dict) -> dict
             "optimizer": {k: np.asarray(v, config.dtype) for k, v in optimizer_numbers.items()},
             "max_loss": np.float32(config.max_loss),
             "dp": {"clip": np.asarray(config.dp_clip or 0.0, config.dtype),
-                   "noise": np.asarray(config.dp_noise or 0.0, config.dtype), "seed": np.uint32(config.seed)}}
+                   "noise": np.asarray(config.dp_noise or 0.0, config.dtype), "seed": np.uint32(config.seed),
+                   "batch": np.asarray(config.batch_size, config.dtype)}}
 
 
 # ---- one step, and a chunk of steps ------------------------------------------
@@ -187,6 +191,25 @@ def as_batches(order, batch_size: int):
     # set, float64 weights would promote a float32 run's gradients.
     weights = jnp.concatenate([jnp.ones(n, jnp.float32), jnp.zeros(pad, jnp.float32)]).reshape(steps, batch_size)
     return idx, weights
+
+
+def batch_multiple(config: TrainConfig, mesh) -> int:
+    """What a padded Poisson batch's size must be a multiple of: the devices
+    that share it, the physical batch that splits it, and 8."""
+    return math.lcm(8, mesh.size, config.dp_physical_batch or 1)
+
+
+def batches_of(config: TrainConfig, epoch: int, done: int, n: int, slots: int | None, multiple: int):
+    """(indices, weights) of an epoch's steps, (steps, batch) each, drawn the
+    same by every process. Shuffled: the epoch's permutation from (seed,
+    epoch). Poisson (privacy.draw_batches): each step's own draw from (seed,
+    global step), padded to `slots`; the whole epoch at once, so the host
+    waits for the device once per epoch, not once per chunk."""
+    if slots is None:
+        return tuple(np.asarray(a) for a in epoch_batches(epoch_key(config.seed, epoch), n, config.batch_size))
+    steps = -(-n // config.batch_size)
+    return privacy.draw_batches(config.seed, np.arange(done, done + steps), n, slots, config.batch_size / n,
+                                multiple)
 
 
 def epoch_key(seed: int, epoch: int):
@@ -288,9 +311,13 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     n = len(train_ds)
     steps_per_epoch = -(-n // config.batch_size)
     total_steps = min(steps_per_epoch * config.epochs, config.max_steps or steps_per_epoch * config.epochs)
+    q = config.batch_size / n
+    calibrated = is_private(config) and config.dp_noise is None
+    if calibrated:  # --dp-epsilon alone: the noise that makes the whole run end at that epsilon
+        config = dataclasses.replace(config, dp_noise=privacy.calibrate_noise(q, total_steps, config.dp_delta,
+                                                                              config.dp_epsilon))
     # DP-SGD: the epsilon the whole run will reach, checked against a budget before any file is written.
-    final_epsilon = privacy.run_epsilon(config.batch_size / n, config.dp_noise, total_steps, config.dp_delta,
-                                        config.dp_epsilon)
+    final_epsilon = privacy.run_epsilon(q, config.dp_noise, total_steps, config.dp_delta, config.dp_epsilon)
     env = runlog.environment(mesh)
 
     if params is None:
@@ -321,11 +348,15 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     test_x, test_y = devices.place((test_ds.images, test_ds.labels), everywhere)
     chunk_fn = partial(run_chunk, grad_fn=grad_fn, optimizer=optimizer, unroll=unroll,
                        record=config.record_steps > 0)
+    slots = privacy.batch_slots(config.batch_size, n, batch_multiple(config, mesh)) if poisson(config) else None
     reason = stop_requested()
     if reason:  # before the first file: the folder stays as it was
         raise Interrupted(reason, position["epoch"], position["epoch_step"], None, started=False)
     files = closing.enter_context(runlog.RunFiles(config.out, config, env))  # the folder, locked until the end
     notify({"kind": "start", "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+            "dp_noise": config.dp_noise, "dp_noise_calibrated": calibrated, "slots": slots,
+            "final_epsilon_rdp": None if final_epsilon is None else privacy.epsilon(
+                q, config.dp_noise, total_steps, config.dp_delta, "rdp"),
             "train_size": n, "test_size": len(test_ds), "out": config.out, "devices": env["devices"],
             "device_kind": env["device_kind"], "processes": env["processes"],
             "resumed_from": None if ckpt is None else {**position, "path": str(ckpt["path"]),
@@ -341,8 +372,7 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
         epoch_steps = min(steps_per_epoch, total_steps - done)
         resumed = ckpt is not None and epoch == position["epoch"] and position["epoch_step"] > 0
         progress.start_epoch(epoch, epoch_steps, ckpt["epoch_sums"] if resumed else None)
-        # Every process draws the same permutation from (seed, epoch).
-        idx, weights = (np.asarray(a) for a in epoch_batches(epoch_key(config.seed, epoch), n, config.batch_size))
+        idx, weights = batches_of(config, epoch, done, n, slots, batch_multiple(config, mesh))
         first = position["epoch_step"] if resumed else 0  # a chunk boundary: the chunks stay the same
         for start in range(first, epoch_steps, chunk):
             stop = min(start + chunk, epoch_steps)
@@ -374,6 +404,7 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
             "devices": env["devices"], "device_kind": env["device_kind"],
             **gradient_metrics(config, progress, n, done),
         }
+        record = released(record, config)
         history.append(record)
         files.epoch(record)
         notify({"kind": "epoch", **record})
@@ -385,12 +416,29 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     return TrainResult(final, history, progress.steps)
 
 
+# Computed from the training data without noise: a DP-SGD run's epsilon does not
+# cover them, so its epoch lines leave them out unless asked (then under "nonprivate").
+NONPRIVATE = ("train_loss", "train_accuracy", "clipped_fraction", "mean_grad_norm")
+
+
 def gradient_metrics(config: TrainConfig, progress, train_size: int, steps_done: int) -> dict:
     """What an epoch line adds for clipping, DP-SGD and the noise scale."""
     record = clip_figures(progress.extra, progress.seen) if config.dp_clip is not None else {}
     if config.dp_noise is not None:
         q = config.batch_size / train_size
-        record.update(epsilon=privacy.epsilon(q, config.dp_noise, steps_done, config.dp_delta), delta=config.dp_delta)
+        record.update(privacy.epsilons(q, config.dp_noise, steps_done, config.dp_delta), delta=config.dp_delta)
     if config.log_noise_scale:
         record.update(epoch_figures(progress.extra))
     return record
+
+
+def released(record: dict, config: TrainConfig) -> dict:
+    """The epoch record a run may release: all of it, except for a DP-SGD
+    run, whose figures computed without noise go under "nonprivate" if
+    config.dp_nonprivate_metrics, and are dropped otherwise."""
+    if config.dp_noise is None:
+        return record
+    kept = {k: v for k, v in record.items() if k not in NONPRIVATE}
+    if config.dp_nonprivate_metrics:
+        kept["nonprivate"] = {k: record[k] for k in NONPRIVATE if k in record}
+    return kept

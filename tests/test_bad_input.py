@@ -22,8 +22,8 @@ def status_and_error(capsys, *argv) -> tuple[int, list[str]]:
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["train", "--dp-clip", "1", "--dp-noise", "1e300"], "--dp-noise must be between 0.01 and 10000, got 1e+300"),
-    (["train", "--dp-clip", "1", "--dp-noise", "1e-300"], "--dp-noise must be between 0.01 and 10000, got 1e-300"),
+    (["train", "--dp-clip", "1", "--dp-noise", "1e300"], "--dp-noise must be between 0.3 and 10000, got 1e+300"),
+    (["train", "--dp-clip", "1", "--dp-noise", "1e-300"], "--dp-noise must be between 0.3 and 10000, got 1e-300"),
     (["train", "--dp-clip", "inf"], "--dp-clip: expected a finite number, got inf"),
     (["train", "--dp-clip", "1", "--dp-noise", "inf"], "--dp-noise: expected a finite number, got inf"),
     (["train", "--schedule", "warmup", "--warmup-steps", "1000000", "--epochs", "1"],
@@ -64,3 +64,25 @@ def test_jax_enable_x64_trains_a_float32_run_to_the_same_numbers(tmp_path, flags
         config.update(dp_clip=1.0, dp_noise=1.0, optimizer="adam", lr=1e-3)
     expected = train_and_evaluate(TrainConfig(**config)).history[-1]["test_accuracy"]
     assert f"test accuracy {expected:.4f} after 1 epochs" in proc.stdout
+
+
+@pytest.mark.parametrize("command,name", [
+    (["experiment", "activations", "--quick", "--quiet"], "result.json"),
+    (["bench", "--quick", "--quiet", "--models", "mlp", "--methods", "batched", "--batch-sizes", "4", "--no-plots",
+      "--name", "r"], "r.json"),
+])
+def test_a_full_disk_when_results_are_written_is_one_line(tmp_path, capsys, monkeypatch, command, name):
+    from jaxbatch import atomic
+
+    def full(tmp):
+        raise OSError(28, "No space left on device", str(tmp))
+
+    import jaxbatch.experiments.report as experiment_report
+
+    real = atomic.write_all_atomic
+    for module in (atomic, experiment_report):  # the experiments' report holds its own name for it
+        monkeypatch.setattr(module, "write_all_atomic", lambda writes: real({path: full for path in writes}))
+    status, err = status_and_error(capsys, *command, "--out", str(tmp_path / "out"))
+    assert status == 1 and len(err) == 1, err
+    assert f"{tmp_path / 'out' / name}: No space left on device" in err[0], err
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing half-written

@@ -7,9 +7,9 @@ from jaxbatch.errors import JaxbatchError
 from jaxbatch.models import MODELS, get_model
 from jaxbatch.models.mlp import mlp_params_to_scratch
 
-SHAPES = {"mlp": (28, 28, 1), "mlp_scratch": (28, 28, 1), "cnn": (28, 28, 1),
+SHAPES = {"mlp": (28, 28, 1), "mlp_scratch": (28, 28, 1), "cnn": (28, 28, 1), "cnn_tanh": (28, 28, 1),
           "lenet5": (32, 32, 1), "fc_nobias": (32, 32, 3)}
-PARAM_COUNTS = {"mlp": 203_530, "mlp_scratch": 203_530, "cnn": 28_938, "lenet5": 61_706, "fc_nobias": 924_600}
+PARAM_COUNTS = {"mlp": 203_530, "mlp_scratch": 203_530, "cnn": 28_938, "cnn_tanh": 26_010, "lenet5": 61_706, "fc_nobias": 924_600}
 
 
 def init(name, shape=None):

@@ -1,6 +1,8 @@
 """Per-example clipping against a direct loop (float64), DP-SGD's noise and
 accounting, and the gradient noise scale measured during training."""
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,12 +82,29 @@ def test_noisy_mean_has_the_stated_noise():
     assert not np.array_equal(out["w"], other["w"])
 
 
-def test_accounting_matches_the_librarys_own_example():
+def gaussian_delta(eps: float, sigma: float) -> float:
+    """The exact delta(eps) of one Gaussian mechanism of sensitivity 1 and
+    std sigma (Balle & Wang 2018, Theorem 8)."""
+    phi = lambda t: 0.5 * math.erfc(-t / math.sqrt(2))  # noqa: E731
+    return phi(1 / (2 * sigma) - eps * sigma) - math.exp(eps) * phi(-1 / (2 * sigma) - eps * sigma)
+
+
+def test_accounting_matches_the_librarys_own_example_and_the_exact_gaussian():
     # dp_accounting's rdp_privacy_accountant_test: noise 4.530877117, sampled
-    # always (q = 1), one step, is (1, 1e-6)-DP. Its test uses a finer grid of
-    # RDP orders than the accountant's default, so ours is that bound or a bit above.
-    eps = privacy.epsilon(1.0, 4.530877117, 1, 1e-6)
-    assert 1.0 <= eps < 1.03
+    # always (q = 1), one step, is (1, 1e-6)-DP by RDP. Its test uses a finer grid
+    # of RDP orders than the accountant's default, so ours is that bound or a bit above.
+    assert 1.0 <= privacy.epsilon(1.0, 4.530877117, 1, 1e-6, "rdp") < 1.03
+    # The PLD accountant is tight: for one unsampled Gaussian it gives the exact
+    # epsilon, where delta(eps) of the closed form is 1e-6 (0.927), to its discretisation.
+    pld = privacy.epsilon(1.0, 4.530877117, 1, 1e-6, "pld")
+    low, high = 0.0, 2.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if gaussian_delta(mid, 4.530877117) > 1e-6 else (low, mid)
+    assert high <= pld <= high * 1.005
+    # Both default to PLD; PLD is never above RDP.
+    assert privacy.epsilon(1.0, 4.530877117, 1, 1e-6) == pld
+    assert privacy.epsilon(0.01, 1.1, 1000, 1e-5, "pld") < privacy.epsilon(0.01, 1.1, 1000, 1e-5, "rdp")
     # More steps cost more; more noise costs less.
     assert privacy.epsilon(0.01, 1.1, 2000, 1e-5) > privacy.epsilon(0.01, 1.1, 1000, 1e-5)
     assert privacy.epsilon(0.01, 2.0, 1000, 1e-5) < privacy.epsilon(0.01, 1.1, 1000, 1e-5)
@@ -95,10 +114,19 @@ def test_private_training_reports_epsilon_and_resumes_exactly(tmp_path):
     config = dict(epochs=2, batch_size=32, steps_per_chunk=10, dp_clip=1.0, dp_noise=1.0)
     full = train_and_evaluate(TrainConfig(**config, out=str(tmp_path / "full")))
     eps = [h["epsilon"] for h in full.history]
-    assert eps[0] < eps[1] == pytest.approx(privacy.epsilon(32 / 1347, 1.0, 86, 1e-5))
-    assert all(0 < h["clipped_fraction"] <= 1 and h["mean_grad_norm"] > 0 for h in full.history)
-    clip_only = train_and_evaluate(TrainConfig(**{**config, "dp_noise": None}))
-    assert relative_difference(clip_only.params, full.params) > 1e-3  # the noise is really added
+    assert eps[0] < eps[1] == pytest.approx(privacy.epsilon(32 / 1347, 1.0, 86, 1e-5))  # PLD
+    assert all(h["epsilon_rdp"] > h["epsilon"] for h in full.history)  # RDP beside it, looser
+    # What the epsilon does not cover is not released...
+    for h in full.history:
+        assert not set(h) & {"train_loss", "train_accuracy", "clipped_fraction", "mean_grad_norm", "nonprivate"}
+        assert 0 <= h["test_accuracy"] <= 1 and h["examples_seen"] > 0
+    # ... unless asked for, and then marked; asking changes nothing of the run.
+    shown = train_and_evaluate(TrainConfig(**config, dp_nonprivate_metrics=True))
+    assert all(0 < h["nonprivate"]["clipped_fraction"] <= 1 and h["nonprivate"]["mean_grad_norm"] > 0
+               and "train_loss" not in h for h in shown.history)
+    assert relative_difference(shown.params, full.params) == 0
+    little_noise = train_and_evaluate(TrainConfig(**{**config, "dp_noise": 0.3}))
+    assert relative_difference(little_noise.params, full.params) > 1e-3  # the noise is really added
     asked = []
     with pytest.raises(Interrupted):
         train_and_evaluate(TrainConfig(**config, out=str(tmp_path / "cut")),

@@ -275,3 +275,12 @@ def test_a_full_disk_mid_checkpoint_keeps_the_checkpoints_before(tmp_path, capsy
     monkeypatch.undo()
     assert main(["train", "--quiet", "--epochs", "2", "--out", str(out), "--resume"]) == 0
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    # what access() says of a read-only filesystem (even to root) or a folder without permission
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else real_access(path, mode))
+    assert main(["train", *QUICK, "--out", str(tmp_path / "run")]) == 2
+    assert f"cannot write in {tmp_path} (no permission, or a read-only filesystem)" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()

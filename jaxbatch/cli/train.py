@@ -64,6 +64,30 @@ def resume_command(argv: list[str], out: str) -> str:
     return shlex.join(["jaxbatch", "train", *words, "--resume"])
 
 
+def dp_start_line(config, event: dict) -> str:
+    """The start line of a DP-SGD run: its noise, sampling and final epsilon by both accountants."""
+    noise = (f"noise multiplier {event['dp_noise']:.4g} (calibrated for epsilon {config.dp_epsilon:g})"
+             if event["dp_noise_calibrated"] else f"noise multiplier {event['dp_noise']:g}")
+    if config.dp_sampling == "poisson":
+        sampling = f"Poisson sampling, {config.batch_size} examples per batch on average ({event['slots']} slots)"
+    else:
+        sampling = "shuffled fixed-size batches: the epsilon below assumes Poisson sampling and is NOT a guarantee"
+    return (f"DP-SGD: clip {config.dp_clip:g}, {noise}; {sampling}; after {event['total_steps']} steps epsilon "
+            f"{event['final_epsilon']:.3g} (PLD; RDP {event['final_epsilon_rdp']:.3g}) at delta {config.dp_delta:g}")
+
+
+def epoch_line(event: dict) -> str:
+    """One epoch's line: train figures where the run releases them, test figures, extras, time."""
+    train = event.get("nonprivate", event)
+    parts = [f"epoch {event['epoch']:3d}"]
+    if "train_loss" in train:
+        mark = " (non-private)" if "nonprivate" in event else ""
+        parts.append(f"train loss {train['train_loss']:.4f}  train acc {train['train_accuracy']:.4f}{mark}")
+    parts.append(f"test loss {event['test_loss']:.4f}  test acc {event['test_accuracy']:.4f}"
+                 f"{epoch_extras({**train, **event})}  ({format_seconds(event['epoch_time_s'])})")
+    return "  ".join(parts)
+
+
 def epoch_extras(event: dict) -> str:
     """The epoch line's additions for clipping, DP-SGD and the noise scale."""
     parts = []
@@ -80,6 +104,7 @@ def run(args) -> int:
     import jax
     from tqdm import tqdm
 
+    from jaxbatch.config import is_private
     from jaxbatch.devices import collective_failed, join_cluster
     from jaxbatch.train import Interrupted, train_and_evaluate
 
@@ -89,6 +114,7 @@ def run(args) -> int:
         print(f"jaxbatch train: {Interrupted(args.stop_requested(), 1, 0, None, started=False)}", file=sys.stderr)
         return STOP_SIGNALS[signal.Signals[args.stop_requested()]]
     bar = None
+    releases_train_loss = not (is_private(config) and not config.dp_nonprivate_metrics)
 
     def on_progress(event):
         nonlocal bar
@@ -100,9 +126,7 @@ def run(args) -> int:
                   f"loss {config.loss}; {event['devices']} x {event['device_kind']}{hosts}; run folder "
                   f"{config.out}/", flush=True)
             if event["final_epsilon"] is not None:
-                print(f"DP-SGD: clip {config.dp_clip:g}, noise multiplier {config.dp_noise:g}; after "
-                      f"{event['total_steps']} steps epsilon {event['final_epsilon']:.3g} at delta "
-                      f"{config.dp_delta:g}", flush=True)
+                print(dp_start_line(config, event), flush=True)
             if event["resumed_from"]:
                 r = event["resumed_from"]
                 for name, why in r["skipped"]:
@@ -117,15 +141,13 @@ def run(args) -> int:
                        leave=False, file=sys.stderr)
         elif event["kind"] == "chunk" and bar is not None:
             bar.update(event["step"] - bar.n)
-            bar.set_postfix(loss=f"{event['loss']:.4f}")
+            if releases_train_loss:  # a DP-SGD run's training loss is not covered by its epsilon
+                bar.set_postfix(loss=f"{event['loss']:.4f}")
         elif event["kind"] == "epoch":
             if bar is not None:
                 bar.close()
                 bar = None
-            print(f"epoch {event['epoch']:3d}  train loss {event['train_loss']:.4f}  "
-                  f"train acc {event['train_accuracy']:.4f}  test loss {event['test_loss']:.4f}  "
-                  f"test acc {event['test_accuracy']:.4f}{epoch_extras(event)}  "
-                  f"({format_seconds(event['epoch_time_s'])})", flush=True)
+            print(epoch_line(event), flush=True)
 
     try:
         result = train_and_evaluate(config, on_progress=on_progress, stop_requested=args.stop_requested)

@@ -1,0 +1,100 @@
+"""DP-SGD's Poisson sampling, microbatches and calibration (jaxbatch/privacy.py):
+each example joins each step with probability q, drawn from (seed, step) alone;
+padding never changes the clipped sum; a batch that does not fit its slots is
+drawn again with more, never cut; microbatches give the whole batch's sum; the
+calibrated noise ends the run within 1% below the target epsilon."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbatch import TrainConfig, get_model, init_key, init_params, privacy, train_and_evaluate
+from jaxbatch.gradients import ClippedGrad
+from jaxbatch.precision import enable_x64, relative_difference
+
+
+def test_poisson_inclusion_frequencies_and_counts():
+    n, batch, steps = 2000, 50, 400
+    q = batch / n
+    slots = privacy.batch_slots(batch, n)
+    idx, weights, counts = (np.asarray(a) for a in privacy.poisson_batches(np.uint32(3), np.arange(steps), n,
+                                                                         slots, q))
+    counts = counts.astype(float)
+    # Binomial(n, q) batch sizes: mean nq, variance nq(1-q), within 4 standard errors
+    assert abs(counts.mean() - n * q) < 4 * np.sqrt(n * q * (1 - q) / steps)
+    assert abs(counts.var(ddof=1) / (n * q * (1 - q)) - 1) < 4 * np.sqrt(2 / (steps - 1))
+    # every example joins at rate q: the per-example join counts are Binomial(steps, q)
+    joined = np.zeros(n)
+    for i, w in zip(idx, weights):
+        joined[i[w > 0]] += 1
+        assert len(set(i[w > 0])) == int(w.sum())  # no example twice in a batch
+    assert abs(joined.mean() - steps * q) < 1e-9 + 4 * np.sqrt(steps * q * (1 - q) / n)
+    assert abs(joined.var(ddof=1) / (steps * q * (1 - q)) - 1) < 0.2
+    # (seed, step) alone decide a batch: the same draw again, another seed another draw
+    again = privacy.poisson_batches(np.uint32(3), np.arange(5, 9), n, slots, q)[0]
+    assert np.array_equal(np.asarray(again), idx[5:9])
+    other = privacy.poisson_batches(np.uint32(4), np.arange(5, 9), n, slots, q)[0]
+    assert not np.array_equal(np.asarray(other), idx[5:9])
+
+
+def test_a_batch_that_overflows_its_slots_is_drawn_again_with_more():
+    n, q = 500, 0.2  # about 100 per step
+    whole, weights = privacy.draw_batches(7, np.arange(6), n, slots=500, rate=q)
+    few, few_weights = privacy.draw_batches(7, np.arange(6), n, slots=40, rate=q)  # every step overflows
+    assert few.shape[1] >= weights.sum(axis=1).max() and few.shape[1] % 8 == 0
+    for a, wa, b, wb in zip(whole, weights, few, few_weights):
+        assert np.array_equal(np.sort(a[wa > 0]), np.sort(b[wb > 0]))  # the same examples, none cut
+
+
+def test_padding_and_microbatches_never_change_the_clipped_sum():
+    with enable_x64():
+        model = get_model("cnn")
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), init_params(model, init_key(0), (8, 8, 1)))
+        x = jax.random.uniform(jax.random.key(1), (24, 8, 8, 1), jnp.float64)
+        y = jnp.arange(24) % 10
+        w = jnp.array([1.0] * 17 + [0.0] * 7)  # 17 real examples, 7 slots of padding
+        numbers = {"dp": {"clip": jnp.float64(0.5), "batch": jnp.float64(20.0)}}
+        real = ClippedGrad(model.apply, expected=True)(params, x[:17], y[:17], w[:17], 0, numbers)
+        padded = ClippedGrad(model.apply, expected=True)(params, x, y, w, 0, numbers)
+        micro = ClippedGrad(model.apply, expected=True, physical=8)(params, x, y, w, 0, numbers)
+        shuffled = ClippedGrad(model.apply)(params, x, y, w, 0, numbers)
+        assert relative_difference(padded[0], real[0]) <= 1e-13
+        assert relative_difference(micro[0], real[0]) <= 1e-13
+        # Poisson divides by the expected size B = 20; shuffled batches by their real count, 17
+        assert relative_difference(jax.tree.map(lambda g: g * 17 / 20, shuffled[0]), real[0]) <= 1e-13
+        assert float(padded[1]) == pytest.approx(float(real[1]), rel=1e-13)
+
+
+def test_training_in_microbatches_is_the_same_run():
+    config = dict(epochs=1, batch_size=64, dp_clip=1.0, dp_noise=1.0, max_steps=8)
+    whole = train_and_evaluate(TrainConfig(**config))
+    micro = train_and_evaluate(TrainConfig(**config, dp_physical_batch=16))
+    assert relative_difference(micro.params, whole.params) < 1e-5  # float32 sums in another order
+    assert micro.history[-1]["epsilon"] == whole.history[-1]["epsilon"]
+
+
+@pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
+def test_calibration_ends_within_one_percent_below_the_target(target):
+    q, steps, delta = 256 / 60000, 15 * 235, 1e-5
+    sigma = privacy.calibrate_noise(q, steps, delta, target)
+    eps = privacy.epsilon(q, sigma, steps, delta)
+    assert 0.99 * target <= eps <= target
+
+
+def test_a_calibrated_run_ends_at_its_epsilon_and_records_its_noise(tmp_path):
+    import json
+
+    result = train_and_evaluate(TrainConfig(epochs=2, dp_clip=1.0, dp_epsilon=2.0, out=str(tmp_path / "run")))
+    assert 0.99 * 2.0 <= result.history[-1]["epsilon"] <= 2.0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["dp_sampling"] == "poisson" and 0.3 < config["dp_noise"] < 10
+    assert privacy.epsilon(32 / 1347, config["dp_noise"], 86, 1e-5) == result.history[-1]["epsilon"]
+
+
+def test_shuffled_batches_are_kept_for_comparison_and_say_so(tmp_path, capsys):
+    from jaxbatch.cli import main
+
+    assert main(["train", "--quiet", "--epochs", "1", "--dp-clip", "1", "--dp-noise", "1", "--dp-sampling",
+                 "shuffle", "--out", str(tmp_path / "run")]) == 0
+    assert "assumes Poisson sampling and is NOT a guarantee" in capsys.readouterr().out
