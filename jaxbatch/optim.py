@@ -43,6 +43,14 @@ def check_schedule(name: str, warmup_steps) -> None:
         raise JaxbatchError(f"schedule {name!r} needs {{setting}} of 1 or more", setting="warmup_steps")
 
 
+def check_warmup(schedule: str, warmup_steps: int, total_steps: int, lr: float) -> None:
+    """A warm-up as long as the run would never reach `lr`: refused."""
+    if schedule != "constant" and warmup_steps >= total_steps:
+        raise JaxbatchError(f"{{setting}} {warmup_steps} is as long as the run ({total_steps} steps) or longer, so "
+                            f"the learning rate would never reach --lr {lr:g}; pass fewer, e.g. "
+                            f"{max(1, total_steps // 10)} (a tenth of the run)", setting="warmup_steps")
+
+
 def check_nesterov(name: str, nesterov: bool, momentum) -> None:
     if nesterov and (name != "sgd" or _unused(momentum)):
         raise JaxbatchError("{setting} needs optimizer sgd and a momentum greater than 0", setting="nesterov")

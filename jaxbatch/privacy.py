@@ -210,6 +210,25 @@ def check_budget(sampling_rate: float, noise: float, steps: int, delta: float, t
     return final
 
 
+# ---- what a private run releases ----------------------------------------------
+
+# Computed from the training data without noise: a DP-SGD run's epsilon does not
+# cover them, so its epoch lines leave them out unless asked (then under "nonprivate").
+NONPRIVATE = ("train_loss", "train_accuracy", "clipped_fraction", "mean_grad_norm")
+
+
+def released(record: dict, private: bool, nonprivate: bool = False) -> dict:
+    """The epoch record a run may release: all of it, except for a DP-SGD run
+    (`private`), whose figures computed without noise go under "nonprivate"
+    if `nonprivate` is asked for, and are dropped otherwise."""
+    if not private:
+        return record
+    kept = {k: v for k, v in record.items() if k not in NONPRIVATE}
+    if nonprivate:
+        kept["nonprivate"] = {k: record[k] for k in NONPRIVATE if k in record}
+    return kept
+
+
 # ---- Poisson sampling ----------------------------------------------------------
 
 

@@ -96,10 +96,7 @@ def gradient_fn(config: TrainConfig, model: Model, mesh):
 def optimizer_parts(config: TrainConfig, total_steps: int):
     """(the step's Optax parts: DP noise if asked, then the optimiser; their
     numbers). optim.chain puts them together inside the step."""
-    if config.schedule != "constant" and config.warmup_steps >= total_steps:
-        raise JaxbatchError(f"{{setting}} {config.warmup_steps} is as long as the run ({total_steps} steps) or "
-                            f"longer, so the learning rate would never reach --lr {config.lr:g}; pass fewer, e.g. "
-                            f"{max(1, total_steps // 10)} (a tenth of the run)", setting="warmup_steps")
+    optim.check_warmup(config.schedule, config.warmup_steps, total_steps, config.lr)
     optimizer, numbers = optim.split(config.optimizer, config.lr, config.momentum, config.nesterov,
                                      config.weight_decay, config.schedule, config.warmup_steps, total_steps)
     parts = (privacy.AddNoise(expected=poisson(config)), optimizer) if config.dp_noise is not None else (optimizer,)
@@ -404,7 +401,7 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
             "devices": env["devices"], "device_kind": env["device_kind"],
             **gradient_metrics(config, progress, n, done),
         }
-        record = released(record, config)
+        record = privacy.released(record, config.dp_noise is not None, config.dp_nonprivate_metrics)
         history.append(record)
         files.epoch(record)
         notify({"kind": "epoch", **record})
@@ -416,11 +413,6 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     return TrainResult(final, history, progress.steps)
 
 
-# Computed from the training data without noise: a DP-SGD run's epsilon does not
-# cover them, so its epoch lines leave them out unless asked (then under "nonprivate").
-NONPRIVATE = ("train_loss", "train_accuracy", "clipped_fraction", "mean_grad_norm")
-
-
 def gradient_metrics(config: TrainConfig, progress, train_size: int, steps_done: int) -> dict:
     """What an epoch line adds for clipping, DP-SGD and the noise scale."""
     record = clip_figures(progress.extra, progress.seen) if config.dp_clip is not None else {}
@@ -430,15 +422,3 @@ def gradient_metrics(config: TrainConfig, progress, train_size: int, steps_done:
     if config.log_noise_scale:
         record.update(epoch_figures(progress.extra))
     return record
-
-
-def released(record: dict, config: TrainConfig) -> dict:
-    """The epoch record a run may release: all of it, except for a DP-SGD
-    run, whose figures computed without noise go under "nonprivate" if
-    config.dp_nonprivate_metrics, and are dropped otherwise."""
-    if config.dp_noise is None:
-        return record
-    kept = {k: v for k, v in record.items() if k not in NONPRIVATE}
-    if config.dp_nonprivate_metrics:
-        kept["nonprivate"] = {k: record[k] for k in NONPRIVATE if k in record}
-    return kept
