@@ -1,8 +1,10 @@
 """What a run leaves behind and what it tells as it goes.
 
     RunFiles   the output folder: config.json, metrics.jsonl (a line per
-               epoch, appended as it ends), params.msgpack, checkpoints/,
-               in a folder that jaxbatch/rundir.py checked and locked
+               epoch, appended as it ends), TensorBoard event files (the
+               same epochs: jaxbatch/events.py), params.msgpack,
+               checkpoints/, in a folder that jaxbatch/rundir.py checked
+               and locked
     Progress   each chunk of steps' summary, read on the host one chunk late
                (the one place training waits for the device), summed into
                the epoch's metrics; raises Diverged at the exact bad step
@@ -22,7 +24,7 @@ import numpy as np
 from flax import serialization
 from jax.sharding import Mesh
 
-from jaxbatch import checkpoint
+from jaxbatch import checkpoint, events
 from jaxbatch.atomic import write_atomic
 from jaxbatch.devices import fetch
 from jaxbatch.errors import JaxbatchError
@@ -58,6 +60,7 @@ class RunFiles:
         self.dir = self.out if jax.process_index() == 0 else None
         self.config = config
         self.lock = None
+        self.events = None
         if self.dir is None:
             return
         check_out(out, config.resume, config.overwrite)
@@ -77,6 +80,8 @@ class RunFiles:
                 self.metrics.unlink(missing_ok=True)
                 (self.dir / "params.msgpack").unlink(missing_ok=True)
                 checkpoint.clear(self.dir)
+                events.remove_event_files(self.dir)
+            self.events = events.EventLog(self.dir)
             record = {**dataclasses.asdict(config), "environment": environment}
             self._write_atomic("config.json", json.dumps(record, indent=2).encode())
         except BaseException:
@@ -90,6 +95,8 @@ class RunFiles:
         self.close()
 
     def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -110,12 +117,17 @@ class RunFiles:
         kept = [r for r in records if r is not None and r["epoch"] <= epochs_done]
         if self.dir is not None and len(kept) != len(records):
             self._write_atomic("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
+        if self.dir is not None:  # the events again from the kept epochs: none past the checkpoint
+            events.remove_event_files(self.dir)
+            for record in kept:
+                self.events.write(record)
         return kept
 
     def epoch(self, record: dict) -> None:
         if self.dir is not None:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.events.write(record)  # after the record itself: an events error never costs a line
 
     def checkpoint(self, position: dict, epoch_sums: dict, state) -> Path | None:
         host_state = fetch(state)  # every process waits here; process 0 writes

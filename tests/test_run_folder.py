@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import cli, one_error_line
 
 from jaxbatch.cli import main
 from jaxbatch.cli.train import resume_command
@@ -29,16 +30,7 @@ def snapshot(folder: Path) -> dict:
 
 def train(*args) -> int:
     """`jaxbatch train ARGS`' exit status, flags refused by the parser included."""
-    try:
-        return main(["train", *args])
-    except SystemExit as exit_:
-        return exit_.code
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
+    return cli("train", *args)
 
 
 @pytest.fixture(scope="module")

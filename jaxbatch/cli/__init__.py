@@ -17,7 +17,7 @@ import threading
 
 from jaxbatch.errors import JaxbatchError
 
-SUBCOMMANDS = ["train", "data", "experiment", "bench"]  # each module adds its name here
+SUBCOMMANDS = ["train", "data", "experiment", "bench", "info", "plot"]  # each module adds its name here
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shlex
 import signal
 import sys
+import warnings
+from pathlib import Path
 
 from jaxbatch.cli import STOP_SIGNALS, positive_int
 
@@ -19,6 +23,10 @@ def add_parser(sub) -> None:
         description="Train a model with Optax and print the test accuracy after every epoch. "
         "With no flags: mlp on the bundled `digits` dataset. Flags override a --recipe.")
     p.add_argument("--recipe", choices=list(RECIPES), help="a preset reproducing one of the texts' runs")
+    p.add_argument("--config", metavar="FILE", help="start from a run's config.json (other flags override it; "
+                   "its out, resume and overwrite are not taken: the run goes to a new folder unless --out)")
+    p.add_argument("--plot", action="store_true", help="draw the run's curves into its folder at the end "
+                   "(curves.png; jaxbatch plot compares runs)")
     add_flags(p, TrainConfig)  # every setting's flag, help and valid range, from its declaration
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("several hosts (jax.distributed)")
@@ -36,15 +44,69 @@ def add_parser(sub) -> None:
 
 def build_config(args):
     from jaxbatch.config import TrainConfig
+    from jaxbatch.errors import JaxbatchError
     from jaxbatch.recipes import get_recipe
     from jaxbatch.rundir import numbered_out
     from jaxbatch.settings import given
 
-    fields = get_recipe(args.recipe) if args.recipe else {}
+    if args.recipe and args.config:
+        raise JaxbatchError("--config gives every setting of a run and --recipe a preset; pass one of them")
+    fields = get_recipe(args.recipe) if args.recipe else read_config(args.config) if args.config else {}
     config = TrainConfig(**{**fields, **given(args, TrainConfig)})
     if config.out is None:  # a new numbered folder, so no run replaces another (jaxbatch/rundir.py)
         config.out = numbered_out(f"runs/{args.recipe or f'{config.model}-{config.dataset}'}", config.resume)
     return config
+
+
+# A run's config.json keys that are not settings to take: what the run ran on,
+# and where its files went (a reproduced run must not resume or replace the
+# run it copies: it goes to a new folder unless --out is given).
+NOT_TAKEN = ("environment", "out", "resume", "overwrite")
+
+
+def read_config(path) -> dict:
+    """The settings of a saved config.json, as TrainConfig fields; checked
+    later like flags. An unreadable file or an unknown key is one line."""
+    import dataclasses
+
+    from jaxbatch.config import TrainConfig
+    from jaxbatch.errors import JaxbatchError
+
+    try:
+        record = json.loads(open(path, "rb").read())
+    except OSError as err:
+        raise JaxbatchError(f"--config {path}: {err.strerror}") from None
+    except ValueError as err:
+        raise JaxbatchError(f"--config {path} is not JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise JaxbatchError(f"--config {path} holds no settings: expected a run's config.json, a JSON object")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = [key for key in record if key not in names and key not in NOT_TAKEN]
+    if unknown:
+        raise JaxbatchError(f"--config {path}: unknown setting {unknown[0]!r} (not a jaxbatch train setting; "
+                            "a config.json from another version?)")
+    return {key: value for key, value in record.items() if key not in NOT_TAKEN}
+
+
+@contextlib.contextmanager
+def events_warnings_as_lines():
+    """Writing TensorBoard events can fail without ending the run
+    (jaxbatch/events.py warns once): show that warning as one line."""
+    from jaxbatch.events import EventsWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, EventsWarning):
+            print(f"jaxbatch train: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def format_seconds(seconds: float) -> str:
@@ -150,7 +212,8 @@ def run(args) -> int:
             print(epoch_line(event), flush=True)
 
     try:
-        result = train_and_evaluate(config, on_progress=on_progress, stop_requested=args.stop_requested)
+        with events_warnings_as_lines():
+            result = train_and_evaluate(config, on_progress=on_progress, stop_requested=args.stop_requested)
     except jax.errors.JaxRuntimeError as err:
         if jax.process_count() == 1:
             raise
@@ -168,4 +231,8 @@ def run(args) -> int:
         return 0
     print(f"test accuracy {final['test_accuracy']:.4f} after {final['epoch']} epochs; "
           f"metrics and params in {config.out}/")
+    if args.plot and config.out:
+        from jaxbatch.curves import plot_runs, read_run
+
+        print(f"curves in {plot_runs([read_run(config.out)], Path(config.out) / 'curves.png')}")
     return 0
