@@ -2,6 +2,7 @@
 
     python scripts/noise_scale.py --data-dir ../shared/data [--epochs 5] [--out results/noise_scale]
     python scripts/noise_scale.py --quick            # digits, seconds, no download
+    python scripts/noise_scale.py --replot --out results/noise_scale   # redraw the PNG from result.json
 
 Trains the mlp with `log_noise_scale` (McCandlish et al. 2018's B_simple from
 per-example gradient norms on every k-th training step; jaxbatch/train.py,
@@ -64,7 +65,8 @@ def offline(dataset: str):
     return None if found is None else {k: found[k]["b_noise"] for k in ("init", "after_training")}
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path | None = None):
+    """The figure of `result`, written to `path` when given; returns the Figure."""
     fig, axes = new_figure()
     ax = axes[0, 0]
     for i, (name, r) in enumerate(result["datasets"].items()):
@@ -74,11 +76,17 @@ def plot(result: dict, path: Path) -> None:
         if r["offline"]:
             ax.plot([0, 1], [r["offline"]["init"], r["offline"]["after_training"]], "s--", color=f"C{i}",
                     alpha=0.6, label=f"{name}: variance experiment (all examples, at 0 and 1 epoch)")
-    ax.set(xlabel="epoch", ylabel="B_simple = tr(S) / |G|^2", yscale="log",
-           title="Gradient noise scale of the mlp (batch 128, SGD lr 0.02, momentum 0.9)")
+    s = result["settings"]
+    ax.set(xlabel="epoch", ylabel="B_simple = tr(S) / |G|^2", yscale="log")
+    # Two short lines: one long line ran past the figure's right edge.
+    ax.set_title(f"Gradient noise scale of the {s['model']}\n(batch {s['batch_size']}, SGD lr {s['lr']:g}, "
+                 f"momentum {s['momentum']:g})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    # Below the axes: inside, it covered the fashion_mnist curve's early points.
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=7)
+    if path is not None:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    return fig
 
 
 def main() -> None:
@@ -90,7 +98,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="plain/logged run pairs timed")
     parser.add_argument("--quick", action="store_true", help="digits only, 3 epochs, 1 repeat")
     parser.add_argument("--out", default="runs/noise_scale")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw --out's noise_scale.png from its result.json (no training)")
     args = parser.parse_args()
+    if args.replot:
+        out = Path(args.out)
+        plot(json.loads((out / "result.json").read_text()), out / "noise_scale.png")
+        print(f"wrote {out}/noise_scale.png")
+        return
     if args.quick:
         args.datasets, args.epochs, args.repeats = ["digits"], 3, 1
     result = {"settings": {**SETTINGS, "epochs": args.epochs, "every": args.every, "repeats": args.repeats},

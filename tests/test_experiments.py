@@ -80,7 +80,7 @@ def test_equality_every_pair_of_ways_agrees_in_float32_and_float64(quick):
     assert "TF32" in result["precision_note"] and "bfloat16" in result["precision_note"]
     text = equality.summary(result)
     assert "f32 rel default" in text and "not held to the target" in text
-    assert "Data-parallel (text D)" in text and "are one batch of K*b" in text and "K-fold fewer steps" in text
+    assert "Data-parallel, as in text D (understanding batch size)" in text and "are one batch of K*b" in text and "K-fold fewer steps" in text
     assert pngs(out) == ["equality.png"]
 
 

@@ -88,11 +88,43 @@ def check_targets(record: dict) -> list[dict]:
     return rows
 
 
+QUICK_NOTE = ("quick run: targets not judged (few repeats per case and two batch sizes; "
+              "run without --quick to judge them)")
+
+
+def reliability_notes(record: dict) -> list[str]:
+    """Why this record's figures cannot be judged or trusted: a --quick run (`record["quick"]`, set by
+    `jaxbatch bench`), a machine busy with other work (a load average at the start of half its cores
+    or more), a step measured above 100% of the matmul peak (the peak was measured while something
+    else ran)."""
+    notes = [QUICK_NOTE] if record.get("quick") else []
+    cores = record.get("device", {}).get("host_cores") or 1
+    start = record.get("load_average_start") or []
+    if start and start[0] >= 0.5 * cores:
+        notes.append(f"warning: the machine was busy (load average {start[0]:.1f} on {cores} cores at the "
+                     "start): other work shared the cores, so times and their ratios are unreliable")
+    above = [r["fraction_of_peak"] for r in ok_rows(record) if (r.get("fraction_of_peak") or 0) > 1]
+    if above:
+        notes.append(f"warning: {len(above)} case{'s' * (len(above) > 1)} measured above 100% of the matmul "
+                     f"peak (up to {max(above):.0%}): the peak was measured while other work ran, so "
+                     "ratios to it are unreliable")
+    return notes
+
+
+def _verdict(record: dict, met, markdown: bool = False) -> str:
+    if met is None:
+        return "not measured"
+    if record.get("quick"):
+        return "not judged"
+    return ("yes" if met else "**no**") if markdown else ("met" if met else "MISSED")
+
+
 def format_targets(record: dict) -> list[str]:
-    """One line per target: met or MISSED, the measured figure, the limit."""
-    lines = []
+    """One line per target: met or MISSED (not judged in a quick run), the measured figure, the
+    limit; first the notes on why they cannot be judged or trusted (`reliability_notes`)."""
+    lines = reliability_notes(record)
     for t in check_targets(record):
-        met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        met = _verdict(record, t["met"])
         measured = "-" if t["measured"] is None else f"{t['measured']:.3g}"
         fastest = "" if t["measured_min"] is None else f" (fastest calls: {t['measured_min']:.3g})"
         lines.append(f"{met:>12}  {measured:>8} (limit {t['limit']})  {t['target']}{fastest}")
@@ -170,7 +202,9 @@ def to_markdown(record: dict) -> str:
                          if e["status"] == "ok" else f"{head} skipped: {e['reason']} | | |")
         lines.append("")
 
-    lines += ["## Targets", "", "Measured from median times (in brackets: from each case's fastest call, "
+    notes = reliability_notes(record)
+    lines += ["## Targets", "", *(f"**{n}**" for n in notes), *([""] if notes else []),
+              "Measured from median times (in brackets: from each case's fastest call, "
               "less disturbed by other work on a shared machine); `met` judges the median figure.", "",
               "| target | measured | limit | met |", "|---|---:|---:|---|"]
     for t in check_targets(record):
@@ -178,7 +212,7 @@ def to_markdown(record: dict) -> str:
         if t["measured_min"] is not None:
             measured += f" ({t['measured_min']:.3g})"
         note = f" ({t['note']})" if t["note"] else ""
-        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        met = _verdict(record, t["met"], markdown=True)
         lines.append(f"| {t['target']}{note} | {measured} | {t['limit']} | {met} |")
     return "\n".join([*lines, ""])
 
@@ -208,40 +242,89 @@ def scaling_markdown(scaling: dict) -> list[str]:
     return [*lines, ""]
 
 
-def plot_throughput(record: dict, path: Path) -> None:
-    """Examples per second against batch size, one panel per model, one line per method."""
+FEW_SIZES = 4  # with this many batch sizes or fewer, lines are short: larger markers show the points
+
+
+def batch_size_axis(ax, sizes) -> None:
+    """A log2 batch-size axis labelled at the measured sizes only ("32", "256"), so no tick labels
+    crowd each other: a log axis spanning about a decade labels its minor ticks, which overlapped."""
+    from matplotlib.ticker import FixedLocator, NullLocator, StrMethodFormatter
+
+    ax.set_xscale("log", base=2)
+    shown = sizes if len(sizes) <= 8 else sizes[::2]  # every other one when there are many
+    ax.xaxis.set_major_locator(FixedLocator(shown))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:.0f}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(sizes) == 1:  # one point: some room either side
+        ax.set_xlim(sizes[0] / 2, sizes[0] * 2)
+
+
+def ratio_axis(ax) -> None:
+    """A log y axis whose labels are plain numbers (0.5, 1, 2), few enough not to overlap."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, StrMethodFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(FixedLocator([m * 10.0**e for e in range(-3, 4) for m in (1, 2, 5)]))
+    ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _style(sizes, line: str, marker: str) -> dict:
+    few = len(sizes) <= FEW_SIZES
+    return dict(linestyle=line, marker=marker, markersize=6 if few else 3, linewidth=1.2 if few else 1.5)
+
+
+def plot_throughput(record: dict, path: Path | None = None):
+    """Examples per second against batch size, one panel per model, one line per method.
+    Written to `path` when given; returns the Figure."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
     models = models_of(record["results"])
+    sizes = sorted({r["batch_size"] for r in record["results"] if r["status"] == "ok"})
     fig, axes = new_figure(ncols=len(models), width=4.2, height=3.6)
     for ax, m in zip(axes[0], models):
-        for framework, style in (("jax", "-o"), ("torch", "--s")):
+        for framework, line, marker in (("jax", "-", "o"), ("torch", "--", "s")):
             rows = [r for r in ok_rows(record, framework) if r["model"] == m]
             for method in sorted({r["method"] for r in rows}, key=lambda name: _rank(METHODS, name)):
                 pts = sorted((r["batch_size"], r["examples_per_s"]) for r in rows if r["method"] == method)
-                ax.plot(*zip(*pts), style, label=method if framework == "jax" else f"torch {method}", markersize=3)
-        ax.set(xscale="log", yscale="log", title=m, xlabel="batch size")
+                ax.plot(*zip(*pts), label=method if framework == "jax" else f"torch {method}",
+                        **_style(sizes, line, marker))
+        batch_size_axis(ax, sizes)
+        ax.set_yscale("log")
+        # Minor labels only where the axis spans under about a decade, and then few of them.
+        ax.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+        ax.set(title=m, xlabel="batch size")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("examples / s")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"{record['device']['platform']} {record['device']['name']}: gradient step throughput")
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    few = f" ({len(sizes)} batch size{'s' * (len(sizes) > 1)} measured)" if len(sizes) <= FEW_SIZES else ""
+    fig.suptitle(f"{record['device']['platform']} {record['device']['name']}: gradient step throughput{few}")
+    if path is not None:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    return fig
 
 
-def plot_overhead(record: dict, path: Path) -> None:
-    """Per-example gradients' (and vmap mean's) step time / batched step time against batch size."""
+def plot_overhead(record: dict, path: Path | None = None):
+    """Per-example gradients' (and vmap mean's) step time / batched step time against batch size.
+    Written to `path` when given; returns the Figure."""
     fig, axes = new_figure()
     ax = axes[0, 0]
     sizes = sorted({r["batch_size"] for r in ok_rows(record)})
     for m in models_of(record["results"]):
-        for method, style in (("per_example", "-o"), ("vmap", ":^")):
+        for method, line, marker in (("per_example", "-", "o"), ("vmap", ":", "^")):
             pts = [(b, r) for b in sizes if (r := ratio(record, m, b, method)) is not None]
             if pts:
-                ax.plot(*zip(*pts), style, label=f"{m} {method}", markersize=3)
+                ax.plot(*zip(*pts), label=f"{m} {method}", **_style(sizes, line, marker))
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="step time / batched step time",
+    batch_size_axis(ax, sizes)
+    ratio_axis(ax)
+    ax.set(xlabel="batch size", ylabel="step time / batched step time",
            title="cost of per-example gradients over the batched gradient")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    if path is not None:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    return fig
 
 
 def write_results(record: dict, out_dir, name: str, plots: bool = True) -> list[Path]:

@@ -33,11 +33,39 @@ class OneLineParser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments:"):
             flags = _flags(self)
             for word in message.split(":", 1)[1].split():
-                close = difflib.get_close_matches(word.split("=")[0], flags, n=1) if word.startswith("--") else []
+                close = suggest_flag(word.split("=")[0], flags) if word.startswith("-") else None
                 if close:
-                    message += f"; did you mean {close[0]}?"
+                    message += f"; did you mean {close}?"
                     break
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# Flags other tools (PyTorch scripts, Keras, Hugging Face, argparse habits) name
+# differently: what a newcomer types first, and jaxbatch's flag for it.
+FLAG_SYNONYMS = {
+    "--learning-rate": "--lr", "--learning_rate": "--lr", "--learningrate": "--lr", "--eta": "--lr",
+    "--batch_size": "--batch-size", "--batchsize": "--batch-size", "--bs": "--batch-size", "-b": "--batch-size",
+    "--num-epochs": "--epochs", "--num_epochs": "--epochs", "--n-epochs": "--epochs", "--n_epochs": "--epochs",
+    "--max-epochs": "--epochs", "--max_epochs": "--epochs", "--epoch": "--epochs",
+    "--output-dir": "--out", "--output_dir": "--out", "--outdir": "--out", "--out-dir": "--out",
+    "--out_dir": "--out", "--output": "--out", "--logdir": "--out", "--log-dir": "--out", "--save-dir": "--out",
+    "--data-path": "--data-dir", "--data_dir": "--data-dir", "--datadir": "--data-dir", "--data-root": "--data-dir",
+    "--dataset-dir": "--data-dir",
+    "--random-seed": "--seed", "--random_seed": "--seed",
+    "--weight_decay": "--weight-decay", "--wd": "--weight-decay",
+    "--optimiser": "--optimizer", "--optim": "--optimizer", "--opt": "--optimizer",
+}
+
+
+def suggest_flag(word: str, flags: list[str]) -> str | None:
+    """The flag meant by an unknown `word`: a synonym from another tool whose
+    jaxbatch flag exists here (--learning-rate -> --lr), the same flag with
+    "_" for "-" (--batch_size -> --batch-size), else the closest by spelling."""
+    for guess in (FLAG_SYNONYMS.get(word.lower()), word.replace("_", "-").lower()):
+        if guess in flags:
+            return guess
+    close = difflib.get_close_matches(word, flags, n=1) if word.startswith("--") else []
+    return close[0] if close else None
 
 
 def _flags(parser) -> list[str]:
@@ -113,21 +141,26 @@ class StopSignals:
     start-up turns a signal into a traceback. A second signal stops at once
     (os._exit: no exit handler runs to print a traceback; files are written
     whole or not at all, jaxbatch/atomic.py). Call it for the signal's name,
-    or None."""
+    or None. While `bar_showing` is set (a progress bar drawn on stderr
+    without its newline yet), the notice begins with a newline, so it starts
+    on a line of its own instead of after the bar's last figures."""
 
     def __init__(self):
         self.requested = None
+        self.bar_showing = False
         self.previous = {}
         if threading.current_thread() is threading.main_thread():  # only there can handlers be set
             self.previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        start = "\n" if self.bar_showing else ""
         if self.requested is not None:
-            os.write(2, f"jaxbatch: stopped at once by a second {name}\n".encode())
+            os.write(2, f"{start}jaxbatch: stopped at once by a second {name}\n".encode())
             os._exit(STOP_SIGNALS[signum])
         self.requested = name
-        os.write(2, f"jaxbatch: {name}: stopping at the next safe point; send it again to stop at once\n".encode())
+        os.write(2, f"{start}jaxbatch: {name}: stopping at the next safe point; send it again to stop at once\n"
+                 .encode())
 
     def __call__(self) -> str | None:
         return self.requested

@@ -109,6 +109,7 @@ def run(args) -> int:
                             "(e.g. --name h100-run1), without / or a leading dot")
     progress = None if args.quiet else (lambda event: print(describe(event), file=sys.stderr, flush=True))
     record = run_benchmarks(config, on_progress=progress)
+    record["quick"] = bool(args.quick)  # a quick run's figures are shown, its targets not judged
     name = args.name or device_slug(record["device"])
     paths = write_results(record, args.out, name, plots=not args.no_plots)
     print("\n".join(format_targets(record)))

@@ -10,6 +10,7 @@ from jaxbatch.cli import OneLineParser
 
 def add_parser(sub) -> None:
     from jaxbatch.experiments import EXPERIMENTS, get_experiment
+    from jaxbatch.experiments.report import name_texts
     from jaxbatch.settings import add_flags
 
     p = sub.add_parser(
@@ -21,8 +22,8 @@ def add_parser(sub) -> None:
     names.required = True
     for name in EXPERIMENTS:
         module = get_experiment(name)
-        e = names.add_parser(name, help=module.__doc__.splitlines()[0],
-                             description=module.__doc__.splitlines()[0])
+        line = name_texts(module.__doc__.splitlines()[0])  # "text A (one example at a time?): ..."
+        e = names.add_parser(name, help=line, description=line)
         e.add_argument("--quick", action="store_true", help="a small offline run on digits (seconds)")
         e.add_argument("--out", help=f"folder for result.json and the plots (default runs/experiments/{name})")
         e.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -46,6 +47,7 @@ def run(args) -> int:
             print(f"  {text}", file=sys.stderr, flush=True)
 
     result, paths = run_experiment(args.experiment, config, out, on_progress)
-    print(module.summary(result))
+    # A quick run's summary shows its figures but does not judge them against the full run's targets.
+    print(module.summary({**result, "quick": bool(args.quick)}))
     print(f"wrote {', '.join(p.name for p in paths)} to {out}/")
     return 0

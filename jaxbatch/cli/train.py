@@ -138,15 +138,17 @@ def dp_start_line(config, event: dict) -> str:
             f"{event['final_epsilon']:.3g} (PLD; RDP {event['final_epsilon_rdp']:.3g}) at delta {config.dp_delta:g}")
 
 
-def epoch_line(event: dict) -> str:
-    """One epoch's line: train figures where the run releases them, test figures, extras, time."""
+def epoch_line(event: dict, first: bool = False) -> str:
+    """One epoch's line: train figures where the run releases them, test figures, extras, time.
+    `first`: the first epoch this process ran, whose time includes compiling the steps."""
     train = event.get("nonprivate", event)
     parts = [f"epoch {event['epoch']:3d}"]
     if "train_loss" in train:
         mark = " (non-private)" if "nonprivate" in event else ""
         parts.append(f"train loss {train['train_loss']:.4f}  train acc {train['train_accuracy']:.4f}{mark}")
     parts.append(f"test loss {event['test_loss']:.4f}  test acc {event['test_accuracy']:.4f}"
-                 f"{epoch_extras({**train, **event})}  ({format_seconds(event['epoch_time_s'])})")
+                 f"{epoch_extras({**train, **event})}  ({format_seconds(event['epoch_time_s'])}"
+                 f"{', including compilation' if first else ''})")
     return "  ".join(parts)
 
 
@@ -160,6 +162,12 @@ def epoch_extras(event: dict) -> str:
     if "noise_scale" in event:
         parts.append(f"noise scale {event['noise_scale']:.4g}")
     return "".join(f"  {p}" for p in parts)
+
+
+def bar_showing(args, showing: bool) -> None:
+    """Tell the signal handler (cli.StopSignals) whether a progress bar holds stderr's last line."""
+    if hasattr(args.stop_requested, "bar_showing"):
+        args.stop_requested.bar_showing = showing
 
 
 def run(args) -> int:
@@ -176,10 +184,11 @@ def run(args) -> int:
         print(f"jaxbatch train: {Interrupted(args.stop_requested(), 1, 0, None, started=False)}", file=sys.stderr)
         return STOP_SIGNALS[signal.Signals[args.stop_requested()]]
     bar = None
+    first_epoch = True  # its time includes compiling
     releases_train_loss = not (is_private(config) and not config.dp_nonprivate_metrics)
 
     def on_progress(event):
-        nonlocal bar
+        nonlocal bar, first_epoch
         if event["kind"] == "start":
             hosts = f" in {event['processes']} processes" if event["processes"] > 1 else ""
             print(f"training {config.model} on {config.dataset}: {event['train_size']} train / "
@@ -201,6 +210,7 @@ def run(args) -> int:
             # counts the whole time the steps took (and compiling, in epoch 1).
             bar = tqdm(total=event["steps"], desc=f"epoch {event['epoch']}", unit="step",
                        leave=False, file=sys.stderr)
+            bar_showing(args, True)  # a signal's notice then starts on a new line, not after the bar
         elif event["kind"] == "chunk" and bar is not None:
             bar.update(event["step"] - bar.n)
             if releases_train_loss:  # a DP-SGD run's training loss is not covered by its epsilon
@@ -209,7 +219,9 @@ def run(args) -> int:
             if bar is not None:
                 bar.close()
                 bar = None
-            print(epoch_line(event), flush=True)
+                bar_showing(args, False)
+            print(epoch_line(event, first=first_epoch), flush=True)
+            first_epoch = False
 
     try:
         with events_warnings_as_lines():
@@ -219,6 +231,10 @@ def run(args) -> int:
             raise
         raise collective_failed(err)
     except Interrupted as stop:
+        if bar is not None:  # leave=False: closing clears the bar, so the line below starts a line of its own
+            bar.close()
+            bar = None
+            bar_showing(args, False)
         if jax.process_index() == 0:
             resume = f"; resume with: {resume_command(args.argv, config.out)}" if stop.started else ""
             print(f"jaxbatch train: {stop}{resume}", file=sys.stderr, flush=True)
@@ -226,6 +242,7 @@ def run(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+            bar_showing(args, False)
     final = result.history[-1]
     if jax.process_index() != 0:  # process 0 speaks for all
         return 0

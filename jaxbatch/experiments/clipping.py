@@ -296,23 +296,26 @@ def figures(result: dict) -> dict:
     fig, axes = new_figure(ncols=3, nrows=len(result["batch"]), width=4.6)
     for (hist, diff, frac), (point, b) in zip(axes, result["batch"].items()):
         where = "at initialisation" if point == "init" else "after the SGD run"
-        marks = [(b["max_norm"], "C3", "-", f"max ||g_i|| = {b['max_norm']:.3g}"),
-                 (b["mean_grad_norm"], "C2", "--", f"||g||, the batch gradient = {b['mean_grad_norm']:.3g}")]
+        # The same marks in every panel, named once in the figure's legend; this row's values in its title.
+        marks = [(b["max_norm"], "C3", "-", "max ||g_i||"),
+                 (b["mean_grad_norm"], "C2", "--", "||g||, the batch gradient")]
         norms = np.array(b["norms"])
         positive = norms[norms > 0]  # a log axis: an exact 0 (a perfectly fit example) is left out
         hist.hist(positive, bins=np.geomspace(positive.min(), positive.max() * (1 + 1e-9), 30), color="C0",
                   alpha=0.8)
-        hist.axvline(b["norm_quantiles"]["0.5"], color="gray", ls=":", lw=1,
-                     label=f"median = {b['norm_quantiles']['0.5']:.3g}")
+        hist.axvline(b["norm_quantiles"]["0.5"], color="gray", ls=":", lw=1, label="median ||g_i||")
         hist.axvline(c["train_clip"], color="k", lw=1, ls="-.", label=f"training C = {c['train_clip']:g}")
         hist.set_xlabel("per-example gradient norm ||g_i||")
         hist.set_ylabel("examples")
-        hist.set_title(f"{c['model']} on {c['dataset']}, one batch of {c['batch_size']}, {where}", fontsize=10)
+        hist.set_title(f"{c['model']} on {c['dataset']}, one batch of {c['batch_size']}, {where}\n"
+                       f"median {b['norm_quantiles']['0.5']:.3g}, max ||g_i|| {b['max_norm']:.3g}, "
+                       f"||g|| {b['mean_grad_norm']:.3g}", fontsize=10)
 
         clips = np.array([s["clip"] for s in b["sweep"]])
         rel = np.array([s["rel_diff"] for s in b["sweep"]])
         diff.plot(clips, np.maximum(rel, 1e-18), "o-", ms=3, color="C0", label="relative difference")
-        diff.axhline(result["coincide_target"], color="gray", ls=":", lw=1, label="1e-12")
+        diff.axhline(result["coincide_target"], color="gray", ls=":", lw=1,
+                     label=f"{result['coincide_target']:g}: equal to rounding")
         diff.set_yscale("log")
         diff.set_ylabel("max|mean clip - clip mean| / max|clip mean|")
         diff.set_title("mean of clipped against clipped mean (float64)", fontsize=10)
@@ -329,8 +332,12 @@ def figures(result: dict) -> dict:
                 ax.axvline(value, color=color, ls=style, lw=1.5, label=label)
         for ax in (diff, frac):
             ax.set_xlabel("clip norm C")
-        for ax in (hist, diff, frac):
-            ax.legend(fontsize=7)
+    # One legend for the six panels, below them: every line once (the first row's handles name them all).
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=4, fontsize=8)
     figs = {"clipping_batch": fig}
 
     t = result["training"]

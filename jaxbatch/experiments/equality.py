@@ -73,7 +73,7 @@ from jaxbatch import (
 from jaxbatch import data as data_lib
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.experiments import DATA_DIR, SEED, SEEDS
-from jaxbatch.experiments.report import format_table, new_figure
+from jaxbatch.experiments.report import format_table, new_figure, text_name
 from jaxbatch.machine import cpu_model, time_calls
 from jaxbatch.models import MODELS
 from jaxbatch.precision import enable_x64, highest_precision, matmul_precision, relative_difference
@@ -81,12 +81,12 @@ from jaxbatch.settings import check, setting
 
 WAYS = ("loop", "vmap", "grad_vmap", "batched")
 WAY_NAMES = {
-    "loop": "Python loop of one-example gradients, averaged (text A, option 1)",
+    "loop": f"Python loop of one-example gradients, averaged (option 1 of {text_name('A')})",
     "vmap": "jax.vmap(jax.grad(l)) per-example gradients, then the mean",
     "grad_vmap": "jax.grad of the mean of the vmapped one-example loss",
-    "batched": "jax.grad of the natively batched loss (text A, option 2)",
+    "batched": f"jax.grad of the natively batched loss (option 2 of {text_name('A')})",
     "data_parallel_kK": "K devices, each the batched gradient of its B/K examples, then averaged across the "
-                        "devices (text D); one way per K",
+                        f"devices ({text_name('D')}); one way per K",
 }
 MAX_DEVICES = 8  # data-parallel K values stop here: enough to show the pattern, one compile per K
 MAX_BATCH = 4096  # the vmap way holds all B gradients at once: 6.7 GB for the mlp on MNIST in float64
@@ -116,8 +116,9 @@ EXPLANATION = (
     "a few u: ~1e-7 in float32 and ~1e-16 in float64 -- the same gradient, rounded differently."
 )
 DATA_PARALLEL_NOTE = (
-    "Text D's data parallelism: K workers with b examples each are one batch of K*b. Each worker computes the "
-    "mean gradient of its own b examples, and the average of the K means is the mean gradient of all K*b, "
+    f"Data parallelism, as in {text_name('D')}: K workers with b examples each are one batch of K*b. "
+    "Each worker computes the mean gradient of its own b examples, and the average of the K means is the "
+    "mean gradient of all K*b, "
     "(1/K) sum_k (1/b) sum_(i in B_k) g_i = (1/(K*b)) sum_i g_i -- the same gradient as the four ways, to "
     "rounding. So one data-parallel step consumes K*b examples, and an epoch of N examples takes N/(K*b) "
     "steps where one worker with batch b takes N/b: K-fold fewer steps for the same epoch. With the same "
@@ -351,7 +352,8 @@ def summary(result: dict) -> str:
                f"(relative {TARGETS['float32']:g} in float32, {TARGETS['float64']:g} in float64)"
                if result["all_within_target"] else "SOME PAIRS EXCEED THE TARGETS (see result.json)")
     return "\n".join([
-        f"Batch gradient five ways, batch of {result['config']['batch_size']} from {result['config']['dataset']}: "
+        f"Batch gradient five ways ({text_name('A')}), batch of {result['config']['batch_size']} from "
+        f"{result['config']['dataset']}: "
         "largest difference over all parameter arrays and pairs of ways (data-parallel ones included)",
         "(rel = max|a-b| / max|b| per array; E-step = |one SGD step, summed loss at lr/B - mean loss at lr|;",
         " f32 and f64 under the highest matmul precision; f32 rel default: float32 at the backend's default "
@@ -382,49 +384,52 @@ def data_parallel_summary(result: dict) -> list[str]:
                           "steps/epoch K workers x b", "f32 rel", "f64 rel", "ms"], rows)
     skipped = "; ".join(f"K = {k} skipped: {why}" for k, why in dp["skipped"].items())
     n = dp["device_count"]
-    return [f"Data-parallel (text D) on K = {', '.join(map(str, dp['ks']))} of the {n} device{'s' * (n > 1)} here "
-            f"({dp['choice']})" + (f"; {skipped}" if skipped else ""),
+    return [f"Data-parallel, as in {text_name('D')}: K = {', '.join(map(str, dp['ks']))} of the {n} "
+            f"device{'s' * (n > 1)} here ({dp['choice']})" + (f"; {skipped}" if skipped else ""),
             f"(rel: largest difference from the four ways; steps per epoch of the {steps['examples']} training "
             "examples)", table, dp["note"]]
 
 
 def figures(result: dict) -> dict:
     """The largest relative difference per model in each comparison, and the
-    time each way takes (float32, default precision, when it ran)."""
-    fig, axes = new_figure(ncols=2, width=6.0)
+    time each way takes (float32, default precision, when it ran). Legends sit
+    below the panels, where they cover no bar. Results written before the
+    comparisons were recorded (float32 and float64 only, times in float32) draw too."""
+    fig, axes = new_figure(ncols=2, width=6.0, height=4.4)
     names = list(result["models"])
-    comparisons = result["comparisons"]
+    first = result["models"][names[0]]
+    comparisons = result.get("comparisons") or {d: {"dtype": d} for d in DTYPES if d in first}
     x = np.arange(len(names))
     ax = axes[0, 0]
     width = 0.8 / len(comparisons)
     for i, (comparison, c) in enumerate(comparisons.items()):
         values = [max(result["models"][n][comparison]["max_rel"], 1e-20) for n in names]
-        ax.bar(x + (i - (len(comparisons) - 1) / 2) * width, values, width,
-               label=f"{c['dtype']}, {c['matmul_precision']} precision")
+        precision = f", {c['matmul_precision']} precision" if "matmul_precision" in c else ""
+        ax.bar(x + (i - (len(comparisons) - 1) / 2) * width, values, width, label=f"{c['dtype']}{precision}")
     for i, dtype in enumerate(DTYPES):
-        ax.axhline(TARGETS[dtype], ls="--", lw=1, color=f"C{i}")
-    for i, u in enumerate((2.0**-24, 2.0**-53)):
-        ax.axhline(u, ls=":", lw=1, color=f"C{i}")
+        ax.axhline(TARGETS[dtype], ls="--", lw=1, color=f"C{i}", label=f"{dtype} target {TARGETS[dtype]:g}")
+    for i, (dtype, u) in enumerate(zip(DTYPES, ("2^-24", "2^-53"))):
+        ax.axhline(2.0 ** -int(u[3:]), ls=":", lw=1, color=f"C{i}", label=f"{dtype} unit roundoff {u}")
     ax.set_yscale("log")
     ax.set_xticks(x, names)
     ax.set_ylabel("max relative difference between ways")
-    ax.set_title("The five ways agree to rounding\n(dashed: targets; dotted: unit roundoff)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title("The ways agree to rounding\n(dashed: targets; dotted: unit roundoff)", fontsize=10)
+    ax.legend(fontsize=7, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     ax = axes[0, 1]
-    if "float32_default" not in comparisons:  # the times are those of the float32_default comparison
+    timed = next((c for c in ("float32_default", "float32") if "seconds" in first.get(c, {})), None)
+    if timed is None:  # the times are those of the float32_default comparison
         ax.set_axis_off()
         ax.text(0.5, 0.5, "not timed: the float32_default comparison did not run", ha="center", fontsize=9)
         return {"equality": fig}
-    ways = list(result["models"][names[0]]["float32_default"]["seconds"])
+    ways = list(first[timed]["seconds"])
     width = 0.8 / len(ways)
     for i, way in enumerate(ways):
         ax.bar(x + (i - (len(ways) - 1) / 2) * width,
-               [result["models"][n]["float32_default"]["seconds"][way] * 1e3 for n in names], width,
+               [result["models"][n][timed]["seconds"][way] * 1e3 for n in names], width,
                label=way.replace("data_parallel_k", "dp K="))
     ax.set_yscale("log")
-    ax.set_ylim(top=ax.get_ylim()[1] * 10)  # room for the legend above the bars
     ax.set_xticks(x, names)
     ax.set_ylabel("ms per batch gradient (float32)")
     ax.set_title(f"Time per way, batch of {result['config']['batch_size']}", fontsize=10)
-    ax.legend(fontsize=7, ncols=min(len(ways), 4), loc="upper center")
+    ax.legend(fontsize=7, ncols=min(len(ways), 4), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     return {"equality": fig}

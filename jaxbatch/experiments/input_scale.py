@@ -32,7 +32,7 @@ import numpy as np
 from jaxbatch import Diverged, TrainConfig, get_model, init_key, init_params, prepare_data, train_and_evaluate
 from jaxbatch import data as data_lib
 from jaxbatch.experiments import DATA_DIR, SEED, SEEDS
-from jaxbatch.experiments.report import format_table, new_figure
+from jaxbatch.experiments.report import QUICK_NOTE, format_table, is_quick, new_figure, text_name
 from jaxbatch.settings import check, setting
 
 # row: (label, input scale, lr factor, initial-weight factor, standardise)
@@ -175,12 +175,15 @@ def summary(result: dict) -> str:
                      f"{zeros[-1]:.0%}" if zeros else "-"])
     c = result["config"]
     checks = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in result["text_c_outcome"].items())
+    # Text C's outcomes are those of 20 epochs on CIFAR-10: a quick run on digits cannot judge them.
+    verdict = (f"{text_name('C')}'s outcome: {QUICK_NOTE}" if is_quick(result)
+               else f"{text_name('C')}'s outcome: {checks}")
     return "\n".join([
         f"{c['model']} on {c['dataset']}, SGD momentum {c['momentum']:g}, weight decay {c['weight_decay']:g}, "
         f"batch {c['batch_size']}, {c['epochs']} epochs",
         format_table(["row", "setting", "lr", "final test accuracy", "||dL/dW|| at step 1",
                       f"all-zero outputs at step {c['grad_steps']}"], rows),
-        f"text C's outcome: {checks}"])
+        verdict])
 
 
 def figures(result: dict) -> dict:
@@ -196,25 +199,40 @@ def figures(result: dict) -> dict:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
     c = result["config"]
-    ax.set_title(f"{c['model']} on {c['dataset']}: scaling the inputs (text C)", fontsize=10)
+    ax.set_title(f"{c['model']} on {c['dataset']}: {text_name('C')}", fontsize=10)
     ax.legend(fontsize=7)
 
     names = list(next(iter(result["rows"].values()))["first_steps"]["grad_norm"])
     gfig, gaxes = new_figure(ncols=len(names) + 1, width=4.6)
     panels = [(name, lambda r, name=name: r["first_steps"]["grad_norm"][name], f"||dL/dW||, {_layer(name)}")
               for name in names] + [("loss", lambda r: r["first_steps"]["loss"], "training loss (batch)")]
+    stopped = []  # rows whose training stopped as diverged within the steps shown
     for ax, (_, values_of, title) in zip(gaxes[0], panels):
+        smallest = np.inf  # the smallest value above 0, where a zero-including axis turns linear
+        zeros = False
         for i, (row, r) in enumerate(result["rows"].items()):
             values = np.array([np.nan if v is None else v for v in values_of(r)], dtype=float)
             ax.plot(np.arange(1, len(values) + 1), values, "-", color=f"C{i}", label=f"({row}) {r['label']}")
+            zeros |= bool(np.any(values == 0))
+            smallest = min(smallest, np.min(values[values > 0], initial=np.inf))
             if r["diverged"] and r["diverged"]["step"] <= len(values) and r["diverged"]["epoch"] == 1:
-                ax.axvline(r["diverged"]["step"], color=f"C{i}", ls=":", lw=1)
-        ax.set_yscale("log")
+                ax.axvline(r["diverged"]["step"], color=f"C{i}", ls=":", lw=1.5)
+                stopped += [f"({row})"] if f"({row})" not in stopped else []
+        if zeros and np.isfinite(smallest):
+            # A log axis drops exact zeros (a dead network's gradient): log above the smallest
+            # value above 0, linear below it, so 0 has a place at the bottom of the axis.
+            ax.set_yscale("symlog", linthresh=10.0 ** np.floor(np.log10(smallest)), linscale=0.5)
+            ax.set_ylim(bottom=0)
+        else:
+            ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title + (" (0 at the bottom)" if zeros else ""), fontsize=10)
     gaxes[0, -1].axhline(np.log(10), color="gray", lw=0.5)
     gaxes[0, -1].annotate("ln 10: all outputs 0", (1, np.log(10)), textcoords="offset points",
                           xytext=(2, -10), fontsize=7, color="gray")
     gaxes[0, 0].legend(fontsize=7)
-    gfig.suptitle(f"The first {c['grad_steps']} steps (dotted: where training stopped as diverged)", fontsize=10)
+    # Promise a dotted line only where one is drawn.
+    where = (f" (dotted: the step where {' and '.join(stopped)} stopped as diverged)" if stopped
+             else "; no run diverged within them")
+    gfig.suptitle(f"The first {c['grad_steps']} steps{where}", fontsize=10)
     return {"input_scale_accuracy": fig, "input_scale_grad_norms": gfig}

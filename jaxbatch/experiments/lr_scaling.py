@@ -162,7 +162,7 @@ def table_rows(result: dict, budget: str):
 
 def summary(result: dict) -> str:
     c = result["config"]
-    lines = [f"Test accuracy of {c['model']} on {c['dataset']} (mean over {c['seeds']} seed(s)), "
+    lines = [f"Test accuracy of {c['model']} on {c['dataset']} (mean over {_seeds(c['seeds'])}), "
              f"{c['optimizer']}, lr_0 {c['base_lr']:g} at B_0 = {c['base_batch']}; warm-up: linear from 0 "
              f"over the first {c['warmup_fraction']:.0%} of each run's steps"]
     for budget, what in (("epochs", f"after {c['epochs']} epochs"), ("steps", f"after {c['steps']} steps")):
@@ -171,8 +171,18 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' * (n != 1)}"
+
+
 def figures(result: dict) -> dict:
+    """Test accuracy against B, one line per rule, with and without warm-up. Every point sits at
+    its own batch size (no sideways offset, which made warm-up points look like other batch sizes);
+    warm-up runs have open markers and dashed lines. One legend, below the two panels."""
+    from matplotlib.ticker import FixedLocator, NullLocator, StrMethodFormatter
+
     c = result["config"]
+    sizes = sorted(set(c["batch_sizes"]))
     fig, axes = new_figure(ncols=2, width=5.5)
     for ax, (budget, what) in zip(axes[0], (("epochs", f"after {c['epochs']} epochs"),
                                            ("steps", f"after {c['steps']} steps"))):
@@ -180,19 +190,27 @@ def figures(result: dict) -> dict:
             for warmup in (False, True):
                 runs = sorted((r for r in result["runs"] if r["budget"] == budget and r["rule"] == rule
                                and r["warmup"] == warmup), key=lambda r: r["batch_size"])
-                sizes = [r["batch_size"] for r in runs]
+                sizes_run = [r["batch_size"] for r in runs]
                 acc = np.array([np.nan if r["test_accuracy"] is None else r["test_accuracy"] for r in runs])
                 seeds = [[a for a in r["test_accuracies"] if a is not None] or [np.nan] for r in runs]
                 spread = [acc - [min(s) for s in seeds], [max(s) for s in seeds] - acc]
-                ax.errorbar(np.array(sizes) * (1.04 if warmup else 0.96), acc, yerr=spread,
-                            fmt="--" if warmup else "-", marker="o", ms=4, capsize=2, lw=1, color=f"C{i}",
+                ax.errorbar(sizes_run, acc, yerr=spread if c["seeds"] > 1 else None,
+                            fmt="--" if warmup else "-", marker="s" if warmup else "o", ms=6 if warmup else 5,
+                            mfc="white" if warmup else f"C{i}", capsize=3, lw=1, color=f"C{i}",
                             label=_variant(rule, warmup))
-                failed = [s for s, r in zip(sizes, runs) if r["test_accuracy"] is None]
+                failed = [s for s, r in zip(sizes_run, runs) if r["test_accuracy"] is None]
                 ax.plot(failed, [0.0] * len(failed), "x", color=f"C{i}", ms=8)
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(sizes))  # a label at each batch size run, and nowhere else
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:.0f}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        if len(sizes) == 1:
+            ax.set_xlim(sizes[0] / 2, sizes[0] * 2)
         ax.set_xlabel("batch size B")
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"{c['model']} on {c['dataset']}, {what}\n(mean over {c['seeds']} seeds, bars: min to max; "
-                     "x: every seed diverged)", fontsize=10)
-        ax.legend(fontsize=7)
+        over = (f"mean over {_seeds(c['seeds'])}, bars: min to max; x: every seed diverged" if c["seeds"] > 1
+                else "one seed; x: diverged")
+        ax.set_title(f"{c['model']} on {c['dataset']}, {what}\n({over})", fontsize=10)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncols=len(RULES) * 2,
+               fontsize=8)
     return {"lr_scaling": fig}

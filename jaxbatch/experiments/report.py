@@ -22,6 +22,35 @@ from jaxbatch.errors import JaxbatchError
 from jaxbatch.figures import new_figure  # noqa: F401  (the experiments' plots: one import for their kit)
 
 
+# The five texts jaxbatch re-implements (README.md, "The five texts"), by the letter output refers to them.
+TEXTS = {
+    "A": "one example at a time?",
+    "B": "building a network in PyTorch",
+    "C": "scaling a network's inputs",
+    "D": "understanding batch size",
+    "E": "an MLP from scratch",
+}
+QUICK_NOTE = "quick run: targets not judged (a small run on digits; run without --quick to judge them)"
+
+
+def text_name(letter: str) -> str:
+    """How output names a text, so a newcomer knows which: "text A (one example at a time?)"."""
+    return f"text {letter} ({TEXTS[letter]})"
+
+
+def name_texts(line: str) -> str:
+    """`line` with a leading "Text A:" named: "text A (one example at a time?):"."""
+    head, sep, rest = line.partition(":")
+    if sep and head.startswith("Text ") and head[5:] in TEXTS:
+        return text_name(head[5:]) + sep + rest
+    return line
+
+
+def is_quick(result: dict) -> bool:
+    """Whether `result` comes from a --quick run (`jaxbatch experiment` marks it before the summary)."""
+    return bool(result.get("quick"))
+
+
 def check_out_dir(out) -> Path:
     """Refuse an output folder that cannot be one, before any work is done."""
     path = Path(out)

@@ -30,7 +30,7 @@ MODELS: dict[str, Model] = {
     "mlp": _flax("mlp", mlp.MLP()),
     "mlp_scratch": Model("mlp_scratch", mlp.mlp_scratch_init, mlp.mlp_scratch_apply),
     "cnn": _flax("cnn", cnn.CNN()),
-    "cnn_tanh": _flax("cnn_tanh", cnn_tanh.CNNTanh()),
+    "cnn_tanh": _flax("cnn_tanh", cnn_tanh.CNNTanh(), cnn_tanh.check_image_shape),
     "lenet5": _flax("lenet5", lenet5.LeNet5(), lenet5.check_image_shape),
     "fc_nobias": _flax("fc_nobias", fc_nobias.FCNoBias()),
 }

@@ -15,7 +15,16 @@ less of the signal is lost to clipping (Papernot et al.). The text's cnn
 
 import flax.linen as nn
 
+from jaxbatch.errors import JaxbatchError
 from jaxbatch.models.init import flatten_example, torch_bias_init, torch_kernel_init
+
+
+def check_image_shape(image_shape):
+    """Its two stride-2 convolutions leave nothing of images below 16x16."""
+    h, w = image_shape[:2]
+    if h < 16 or w < 16:
+        raise JaxbatchError(f"cnn_tanh takes images of 16x16 or more (it was made for 28x28), not {h}x{w}; "
+                            "pick another model (mlp, cnn, fc_nobias) for this dataset")
 
 
 def pool(x):
