@@ -391,8 +391,9 @@ def child_epochs(args, emit) -> dict:
             fields = {k: v for k, v in fields.items() if not k.startswith("dp_")}
         elif variant == "dp":
             # The budget is a rule for the recipe's whole run, not part of a step's cost (and a tiny
-            # dataset's sampling rate would exceed it): the noise stays, the budget check goes.
-            fields = {**fields, "dp_epsilon": None}
+            # dataset's sampling rate would exceed it): the budget check goes, noise stays (a recipe that
+            # calibrates its noise to the budget gets sigma 1: the noise's size does not change the cost).
+            fields = {**fields, "dp_epsilon": None, "dp_noise": fields.get("dp_noise") or 1.0}
             if not has_accounting:
                 fields, note = {**fields, "dp_noise": None}, ABSENT_THERE["dp_accounting"]
         tiny = [f"--tiny: {k} {v} instead of the recipe's" for k, v in overrides.items()]
