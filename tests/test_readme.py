@@ -67,6 +67,8 @@ NOT_RUN = {
     "jaxbatch train --model cnn --optimizer adam --lr 1e-3": "long: 10 epochs of the cnn (tests/test_train.py "
     "trains it briefly)",
     "jaxbatch train --recipe mlp-fashion --data-dir $JAXBATCH_DATA_DIR": REAL_DATA,
+    "jaxbatch train --recipe dp-mnist --data-dir $JAXBATCH_DATA_DIR": REAL_DATA + "; 40 DP-SGD epochs, about 20 "
+                                                                      "minutes on 2 CPU cores",
     "jaxbatch train --recipe mlp-fashion --data-dir ../shared/data --seed 0": REAL_DATA,
     "jaxbatch train --recipe mlp-fashion --checkpoint-every 200": REAL_DATA + "; tests/test_resume.py resumes",
     "jaxbatch train --recipe mlp-fashion --checkpoint-every 200 --resume": REAL_DATA,
