@@ -17,9 +17,12 @@ slow enough to be worth a workaround there, and only there:
    a convolution therefore trains 8 steps per scan call, fully unrolled:
    a `cnn-mnist` epoch took 9 s instead of 277 s, same numbers. A loop over
    chunks of examples inside one step (jaxbatch/chunks.py) unrolls when its
-   body has a convolution, for the same reason: per-example gradients of the
-   cnn in chunks of 32 took 538 ms at B = 64 rolled, 21 ms unrolled. Dense
-   models are not affected and scan rolled, like every model elsewhere.
+   body has a convolution, for the same reason, where speed is its purpose
+   (the benchmark's per_example_chunked): per-example gradients of the cnn in
+   chunks of 32 took 538 ms at B = 64 rolled, 21 ms unrolled. Chunks taken to
+   bound memory (--dp-chunk, --dp-physical-batch) stay rolled: unrolled, their
+   buffers were not reused. Dense models are not affected and scan rolled,
+   like every model elsewhere.
 
 GPUs and TPUs take the plain path (`flax.linen.max_pool`; rolled scans over
 about a tenth of an epoch) until a measurement there says otherwise. Each

@@ -81,7 +81,8 @@ class ClippedGrad(NamedTuple):
 
         # A logical batch in physical microbatches: the clipped sum is a sum over
         # examples, so adding the microbatches' sums is the whole batch's.
-        total, per_example = chunked_sum(clipped_sum, self.physical or len(weights), (x, labels), weights)
+        total, per_example = chunked_sum(clipped_sum, self.physical or len(weights), (x, labels), weights,
+                                         unroll=False)  # microbatches are for memory: rolled, buffers reused
         n = jnp.sum(weights)
         norms = per_example["norms"]
         sums = {"clipped": jnp.sum(weights * (norms > clip)), "norm_sum": jnp.sum(weights * norms)}

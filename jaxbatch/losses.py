@@ -289,7 +289,7 @@ def clipped_grad_sum(apply_fn, params, xs, ys, clip, weights=None, loss_fn=cross
     def one_chunk(arrays, w):
         return _clipped_sum_one_chunk(apply_fn, params, *arrays, w, clip, loss_fn)
 
-    return chunked_sum(one_chunk, chunk or b, (xs, ys), weights)
+    return chunked_sum(one_chunk, chunk or b, (xs, ys), weights, unroll=False)  # chunks bound memory: rolled
 
 
 def clipped_mean_grad(apply_fn, params, xs, ys, clip, loss_fn=cross_entropy, chunk=None, method="auto"):

@@ -98,3 +98,21 @@ def test_shuffled_batches_are_kept_for_comparison_and_say_so(tmp_path, capsys):
     assert main(["train", "--quiet", "--epochs", "1", "--dp-clip", "1", "--dp-noise", "1", "--dp-sampling",
                  "shuffle", "--out", str(tmp_path / "run")]) == 0
     assert "assumes Poisson sampling and is NOT a guarantee" in capsys.readouterr().out
+
+
+def test_microbatches_bound_the_memory_of_a_logical_batch():
+    from jaxbatch.bench.measure import compile_step
+
+    model = get_model("cnn")
+    params = init_params(model, init_key(0), (28, 28, 1))
+    x, y, w = jnp.zeros((1024, 28, 28, 1)), jnp.zeros(1024, jnp.int32), jnp.ones(1024)
+    numbers = {"dp": {"clip": jnp.float32(1.0), "batch": jnp.float32(1024)}}
+
+    def peak(physical):
+        grad = ClippedGrad(model.apply, expected=True, physical=physical)
+        return compile_step(lambda p, x, y, w: grad(p, x, y, w, 0, numbers)[0], params, x, y, w).peak_memory_bytes
+
+    whole, micro = peak(None), peak(128)
+    if whole is None:
+        pytest.skip("this backend gives no memory analysis")
+    assert micro < whole / 3  # the ghost norms' unfolded inputs of 128 examples, not 1024
