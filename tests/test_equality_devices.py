@@ -42,7 +42,7 @@ def test_data_parallel_on_1_2_and_4_devices_is_the_batch_gradient(four_devices):
     assert [steps[k]["per_device_batch"] for k in ("1", "2", "4")] == [48, 24, 12]
     assert [steps[k]["one_worker"] for k in ("1", "2", "4")] == [-(-1347 // b) for b in (48, 24, 12)]
     assert {steps[k]["k_workers"] for k in ("1", "2", "4")} == {-(-1347 // 48)}
-    assert "on K = 1, 2, 4 of the 4 devices here" in four_devices["summary"]
+    assert "K = 1, 2, 4 of the 4 devices here" in four_devices["summary"]
 
 
 def test_k_values_are_the_divisors_the_batch_splits_over():

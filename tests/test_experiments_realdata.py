@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 def test_equality_on_mnist_every_model(real_data_dir):
     result = equality.run(make_config("equality", data_dir=str(real_data_dir), repeats=1))
     assert result["config"]["dataset"] == "mnist"
-    assert set(result["models"]) == {"mlp", "mlp_scratch", "cnn", "lenet5", "fc_nobias"}
+    assert set(result["models"]) == {"mlp", "mlp_scratch", "cnn", "cnn_tanh", "lenet5", "fc_nobias"}
     for name, m in result["models"].items():
         assert m["float64"]["max_rel"] <= 1e-12, name
         assert m["float32"]["max_rel"] <= 1e-5, name

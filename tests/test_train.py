@@ -154,7 +154,8 @@ def test_models_with_a_convolution_are_found_from_their_program():
         model = get_model(name)
         params = init_params(model, init_key(0), shape)
         found[name] = has_convolution(model.apply, params, jnp.zeros(shape))
-    assert found == {"mlp": False, "mlp_scratch": False, "cnn": True, "lenet5": True, "fc_nobias": False}
+    assert found == {"mlp": False, "mlp_scratch": False, "cnn": True, "cnn_tanh": True, "lenet5": True,
+                     "fc_nobias": False}
 
 
 def test_unrolled_and_rolled_chunks_compute_the_same_training():
