@@ -196,15 +196,14 @@ def batch_multiple(config: TrainConfig, mesh) -> int:
     return math.lcm(8, mesh.size, config.dp_physical_batch or 1)
 
 
-def batches_of(config: TrainConfig, epoch: int, done: int, n: int, slots: int | None, multiple: int):
-    """(indices, weights) of an epoch's steps, (steps, batch) each, drawn the
+def batches_of(config: TrainConfig, epoch: int, done: int, n: int, steps: int, slots: int | None, multiple: int):
+    """(indices, weights) of an epoch's `steps` steps, (steps, batch) each, drawn the
     same by every process. Shuffled: the epoch's permutation from (seed,
     epoch). Poisson (privacy.draw_batches): each step's own draw from (seed,
     global step), padded to `slots`; the whole epoch at once, so the host
     waits for the device once per epoch, not once per chunk."""
     if slots is None:
         return tuple(np.asarray(a) for a in epoch_batches(epoch_key(config.seed, epoch), n, config.batch_size))
-    steps = -(-n // config.batch_size)
     return privacy.draw_batches(config.seed, np.arange(done, done + steps), n, slots, config.batch_size / n,
                                 multiple)
 
@@ -369,7 +368,7 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
         epoch_steps = min(steps_per_epoch, total_steps - done)
         resumed = ckpt is not None and epoch == position["epoch"] and position["epoch_step"] > 0
         progress.start_epoch(epoch, epoch_steps, ckpt["epoch_sums"] if resumed else None)
-        idx, weights = batches_of(config, epoch, done, n, slots, batch_multiple(config, mesh))
+        idx, weights = batches_of(config, epoch, done, n, steps_per_epoch, slots, batch_multiple(config, mesh))
         first = position["epoch_step"] if resumed else 0  # a chunk boundary: the chunks stay the same
         for start in range(first, epoch_steps, chunk):
             stop = min(start + chunk, epoch_steps)
