@@ -344,7 +344,10 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     test_x, test_y = devices.place((test_ds.images, test_ds.labels), everywhere)
     chunk_fn = partial(run_chunk, grad_fn=grad_fn, optimizer=optimizer, unroll=unroll,
                        record=config.record_steps > 0)
-    slots = privacy.batch_slots(config.batch_size, n, batch_multiple(config, mesh)) if poisson(config) else None
+    slots = cut = None
+    if poisson(config):  # padded Poisson batches: the slots for the worst case, cut per chunk (privacy.trim)
+        slots = privacy.batch_slots(config.batch_size, n, batch_multiple(config, mesh))
+        cut = privacy.typical_slots(config.batch_size, n, batch_multiple(config, mesh))
     reason = stop_requested()
     if reason:  # before the first file: the folder stays as it was
         raise Interrupted(reason, position["epoch"], position["epoch_step"], None, started=False)
@@ -372,7 +375,10 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
         first = position["epoch_step"] if resumed else 0  # a chunk boundary: the chunks stay the same
         for start in range(first, epoch_steps, chunk):
             stop = min(start + chunk, epoch_steps)
-            batches = devices.place((idx[start:stop], weights[start:stop]), devices.by_example(mesh))
+            batch = (idx[start:stop], weights[start:stop])
+            if cut is not None:  # Poisson: the chunk's padding cut where all its batches fit
+                batch = privacy.trim(*batch, cut)
+            batches = devices.place(batch, devices.by_example(mesh))
             steps = devices.place(np.arange(done + start, done + stop, dtype=np.int32), everywhere)
             state, summary, trace = chunk_fn(state, train_data, *batches, steps, numbers)
             progress.push(start, stop, summary, trace)

@@ -7,8 +7,10 @@ logical batches split into physical ones.
    Poisson sampling (the default), DP-SGD with shuffled batches, and for
    models with convolutions the vmapped per-example gradients (--dp-chunk B,
    every g_i formed) beside the ghost norms. Epoch 1 (which compiles) is
-   excluded; each figure is the median of the later epochs, the runs
-   interleaved so that machine noise hits them alike. Targets (printed, not
+   excluded (its median is printed apart: compiling, and for Poisson batches
+   once per padded size a chunk takes); each figure is the median of the
+   later epochs, the runs interleaved so that machine noise hits them alike.
+   Then the noise draws alone, per epoch: a floor for the private step. Targets (printed, not
    asserted): cnn DP / plain <= 1.5, mlp DP / plain <= 1.2.
 2. Peak memory of one DP-SGD gradient at a logical batch of 4096 (its
    Poisson slots), whole and in physical batches, from XLA's memory
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +36,22 @@ TARGETS = {"cnn": 1.5, "mlp": 1.2}
 
 
 def epoch_times(config: TrainConfig, train_ds, test_ds) -> list[float]:
-    return [h["epoch_time_s"] for h in train_and_evaluate(config, train_ds=train_ds, test_ds=test_ds).history[1:]]
+    """Every epoch's time; the first includes compiling."""
+    return [h["epoch_time_s"] for h in train_and_evaluate(config, train_ds=train_ds, test_ds=test_ds).history]
+
+
+def noise_draw_ms(model_name: str, n: int = 50) -> float:
+    """One step's DP noise alone (a normal draw per parameter), in ms: the
+    floor of a private step's extra cost, whatever the clipping costs."""
+    params = init_params(get_model(model_name), init_key(0), (28, 28, 1))
+    draw = jax.jit(lambda step: privacy.standard_normal(params, privacy.step_key(0, step)))
+    jax.block_until_ready(draw(0))
+    times = []
+    for step in range(1, n + 1):
+        start = time.perf_counter()
+        jax.block_until_ready(draw(step))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
 
 
 def ways(model: str, batch_size: int) -> dict:
@@ -67,17 +85,25 @@ def main() -> None:
     train_ds, test_ds = data.load("mnist", "train", args.data_dir), data.load("mnist", "test", args.data_dir)
     for model in args.models:
         times = {name: [] for name in ways(model, args.batch_size)}
+        first = {name: [] for name in times}
         for _ in range(args.rounds):
             for name, kw in ways(model, args.batch_size).items():
                 config = TrainConfig(model=model, dataset="mnist", batch_size=args.batch_size, lr=0.05,
                                      epochs=args.epochs + 1, **kw)
-                times[name] += epoch_times(config, train_ds, test_ds)
+                compiling, *later = epoch_times(config, train_ds, test_ds)
+                first[name].append(compiling)
+                times[name] += later
         plain = statistics.median(times["plain"])
         for name, t in times.items():
             ratio = statistics.median(t) / plain
             target = f" (target <= {TARGETS[model]})" if name == "dp poisson" and model in TARGETS else ""
             print(f"{model} B={args.batch_size} {name:26s} epoch {statistics.median(t):7.2f} s  "
-                  f"x{ratio:.2f} plain{target}  [{', '.join(f'{s:.2f}' for s in t)}]", flush=True)
+                  f"x{ratio:.2f} plain{target}  [{', '.join(f'{s:.2f}' for s in t)}]; "
+                  f"first epoch (compiling) {statistics.median(first[name]):.1f} s", flush=True)
+        steps = -(-len(train_ds) // args.batch_size)
+        noise = noise_draw_ms(model) * steps / 1e3
+        print(f"{model} B={args.batch_size} the noise draws alone: {noise:.2f} s per epoch "
+              f"(x{noise / plain:.2f} of a plain epoch)", flush=True)
     for model in args.models:
         for physical in (None, 1024, 256):
             mem = peak_memory(model, 4096, physical)

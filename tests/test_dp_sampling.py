@@ -1,7 +1,8 @@
 """DP-SGD's Poisson sampling, microbatches and calibration (jaxbatch/privacy.py):
 each example joins each step with probability q, drawn from (seed, step) alone;
-padding never changes the clipped sum; a batch that does not fit its slots is
-drawn again with more, never cut; microbatches give the whole batch's sum; the
+padding never changes the clipped sum, and a chunk of steps whose batches fit
+is cut to fewer slots; a batch that does not fit its slots is drawn again with more,
+never cut; microbatches give the whole batch's sum; the
 calibrated noise ends the run within 1% below the target epsilon."""
 
 import jax
@@ -45,6 +46,36 @@ def test_a_batch_that_overflows_its_slots_is_drawn_again_with_more():
     assert few.shape[1] >= weights.sum(axis=1).max() and few.shape[1] % 8 == 0
     for a, wa, b, wb in zip(whole, weights, few, few_weights):
         assert np.array_equal(np.sort(a[wa > 0]), np.sort(b[wb > 0]))  # the same examples, none cut
+
+
+def test_a_chunk_whose_batches_fit_is_cut_to_typical_slots_and_keeps_every_joined_example():
+    n, batch = 60000, 256
+    slots, typical = privacy.batch_slots(batch, n), privacy.typical_slots(batch, n)
+    assert (slots, typical) == (352, 296)  # B + 6 sd and B + 2.5 sd, rounded up to 8
+    idx, weights = privacy.draw_batches(0, np.arange(800), n, slots, batch / n)
+    sizes = []
+    for start in range(0, 800, 8):
+        i, w = privacy.trim(idx[start:start + 8], weights[start:start + 8], typical)
+        fits = weights[start:start + 8].sum(axis=1).max() <= typical
+        assert i.shape[1] == (typical if fits else slots)
+        assert np.array_equal(i, idx[start:start + 8, :i.shape[1]])  # a prefix: the joined examples come first
+        assert np.array_equal(w.sum(axis=1), weights[start:start + 8].sum(axis=1))  # none cut
+        sizes.append(i.shape[1])
+    assert 0.85 <= sizes.count(typical) / len(sizes) < 1  # P(8 batches fit) = 0.95; both sizes occur
+    # a chunk that needs every slot keeps them
+    over = np.ones((2, slots), np.float32)
+    assert privacy.trim(np.zeros((2, slots), np.int32), over, typical)[1].shape == (2, slots)
+
+
+def test_trimmed_chunks_train_the_same_run_as_whole_slots(monkeypatch):
+    config = TrainConfig(dtype="float64", epochs=1, batch_size=64, dp_clip=0.5, dp_noise=1.0, max_steps=12)
+    trim, kept = privacy.trim, []
+    monkeypatch.setattr(privacy, "trim", lambda *a: kept.append(trim(*a)[0].shape[1]) or trim(*a))
+    trimmed = train_and_evaluate(config)
+    assert kept and min(kept) < privacy.batch_slots(64, 1347)  # the run did cut its chunks
+    monkeypatch.setattr(privacy, "trim", lambda idx, weights, step: (idx, weights))
+    whole = train_and_evaluate(config)
+    assert relative_difference(trimmed.params, whole.params) <= 1e-12
 
 
 def test_padding_and_microbatches_never_change_the_clipped_sum():
