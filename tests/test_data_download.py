@@ -454,5 +454,5 @@ def test_sigterm_ends_a_cli_download_cleanly(tmp_path, server):
     finally:
         proc.kill()
         proc.wait(timeout=30)
-    assert proc.returncode == 130 and err.strip().splitlines() == ["jaxbatch data: interrupted"], err
+    assert proc.returncode == 130 and err.strip().splitlines() == ["jaxbatch data download: interrupted"], err
     assert not data_dir.exists()

@@ -56,7 +56,7 @@ def test_output_folder_that_is_a_file(tmp_path, capsys):
     target = tmp_path / "taken"
     target.write_text("not a folder")
     err = one_line_error(capsys, ["experiment", "activations", "--quick", "--out", str(target)])
-    assert "is a file" in err
+    assert "is a file" in err and err.startswith("jaxbatch experiment activations: error:")  # names what failed
     assert target.read_text() == "not a folder"
     err = one_line_error(capsys, ["experiment", "activations", "--quick", "--out", str(target / "below")])
     assert "is a file" in err

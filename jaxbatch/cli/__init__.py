@@ -192,10 +192,13 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    # The words that named what failed: "jaxbatch experiment equality", "jaxbatch data check".
+    name = " ".join(["jaxbatch", args.command, *filter(None, [getattr(args, "experiment", None),
+                                                             getattr(args, "action", None)])])
     try:
         return args.run(args) or 0
     except JaxbatchError as err:
-        print(f"jaxbatch {args.command}: error: {err.render(flag_name(err.setting))}", file=sys.stderr)
+        print(f"{name}: error: {err.render(flag_name(err.setting))}", file=sys.stderr)
         if err.cluster_broken:
             # At exit JAX waits at a shutdown barrier for every process of the
             # cluster; peers that never come would hold this one there ~35 s
@@ -205,10 +208,10 @@ def _run(args) -> int:
             os._exit(2)
         return 2
     except KeyboardInterrupt:
-        print(f"jaxbatch {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except OSError as err:  # the disk, not the input: full, read-only, gone
         where = f"{err.filename}: " if err.filename else ""
-        print(f"jaxbatch {args.command}: error: {where}{err.strerror or err}; nothing after the last complete "
+        print(f"{name}: error: {where}{err.strerror or err}; nothing after the last complete "
               "file was kept", file=sys.stderr)
         return 1
