@@ -106,10 +106,13 @@ def draw(runs: list[Run]):
     for ax, (key, title) in zip(axes[0], panels):
         for run, name, color in zip(runs, labels(runs), colors):
             if key in ("loss", "accuracy"):
-                ax.plot(*_series(run, f"train_{key}"), "-o", color=color, ms=3, label=f"{name} train")
-                ax.plot(*_series(run, f"test_{key}"), "--s", color=color, ms=3, label=f"{name} test")
+                lines = [(f"train_{key}", "-o", f"{name} train"), (f"test_{key}", "--s", f"{name} test")]
             else:
-                ax.plot(*_series(run, key), "-o", color=color, ms=3, label=name)
+                lines = [(key, "-o", name)]
+            for series, style, label in lines:
+                epochs, values = _series(run, series)
+                if epochs:  # a private run without its non-private figures has no train line: no legend entry
+                    ax.plot(epochs, values, style, color=color, ms=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.2, 1.4 ticks

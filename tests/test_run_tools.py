@@ -178,6 +178,20 @@ def test_plot_compares_runs_named_by_their_settings(two_runs, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"wrote {png}"
 
 
+def test_a_private_run_plots_only_the_lines_it_holds(tmp_path):
+    from jaxbatch.curves import draw, read_run
+
+    run = tmp_path / "private"
+    run.mkdir()
+    records = [{"epoch": e, "test_loss": 1.0 / e, "test_accuracy": 0.9, "epsilon": 0.5 * e, "delta": 1e-5}
+               for e in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fig = draw([read_run(run)])
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == [f"{run} test"]  # no "train" entry for lines that are not there
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "accuracy", "epsilon (PLD)"]
+
+
 @pytest.mark.parametrize("case,message", [
     ("no metrics", "holds no metrics.jsonl"),
     ("torn", "metrics.jsonl, line 2: not an epoch record"),
