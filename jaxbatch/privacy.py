@@ -262,9 +262,10 @@ def trim(idx, weights, typical: int):
     padding is cut), else kept whole. The slots cover a batch's worst case
     (B + 6 sd), but most chunks need far fewer: padding every step to the
     worst case cost the cnn 37% more work at B = 256. Two sizes, not one per
-    chunk, because each size compiles the chunk's steps once (11 s for the
-    cnn's on the 2-core CPU): any finer and a run of a few epochs pays more
-    in compiling than it saves."""
+    chunk, because each size compiles the chunk's steps once (about 7 s for
+    the cnn's on the 2-core CPU): cut to each chunk's own largest batch, a
+    run took 4 to 6 sizes an epoch, and a run of a few epochs paid more in
+    compiling than it saved."""
     most = int(np.max(np.sum(weights, axis=1))) if len(weights) else 0
     return (idx[:, :typical], weights[:, :typical]) if most <= typical < weights.shape[1] else (idx, weights)
 

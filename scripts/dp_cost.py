@@ -40,10 +40,10 @@ def epoch_times(config: TrainConfig, train_ds, test_ds) -> list[float]:
     return [h["epoch_time_s"] for h in train_and_evaluate(config, train_ds=train_ds, test_ds=test_ds).history]
 
 
-def noise_draw_ms(model_name: str, n: int = 50) -> float:
+def noise_draw_ms(model_name: str, image_shape: tuple, n: int = 50) -> float:
     """One step's DP noise alone (a normal draw per parameter), in ms: the
     floor of a private step's extra cost, whatever the clipping costs."""
-    params = init_params(get_model(model_name), init_key(0), (28, 28, 1))
+    params = init_params(get_model(model_name), init_key(0), image_shape)
     draw = jax.jit(lambda step: privacy.standard_normal(params, privacy.step_key(0, step)))
     jax.block_until_ready(draw(0))
     times = []
@@ -62,11 +62,11 @@ def ways(model: str, batch_size: int) -> dict:
     return out
 
 
-def peak_memory(model_name: str, logical: int, physical: int | None, n: int = 60000) -> int | None:
+def peak_memory(model_name: str, logical: int, physical: int | None, image_shape: tuple, n: int) -> int | None:
     model = get_model(model_name)
-    params = init_params(model, init_key(0), (28, 28, 1))
+    params = init_params(model, init_key(0), image_shape)
     slots = privacy.batch_slots(logical, n, physical or 8)
-    x = jnp.zeros((slots, 28, 28, 1), jnp.float32)
+    x = jnp.zeros((slots, *image_shape), jnp.float32)
     y, w = jnp.zeros(slots, jnp.int32), jnp.ones(slots, jnp.float32)
     numbers = {"dp": {"clip": jnp.float32(1.0), "batch": jnp.float32(logical)}}
     grad = ClippedGrad(model.apply, expected=True, physical=physical)
@@ -76,19 +76,21 @@ def peak_memory(model_name: str, logical: int, physical: int | None, n: int = 60
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per run (after the first)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each way, interleaved")
+    parser.add_argument("--logical", type=int, default=4096, help="the logical batch whose memory is measured")
     args = parser.parse_args()
     print(f"machine: {cpu_model()}, {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    train_ds, test_ds = data.load("mnist", "train", args.data_dir), data.load("mnist", "test", args.data_dir)
+    train_ds, test_ds = (data.load(args.dataset, split, args.data_dir) for split in ("train", "test"))
     for model in args.models:
         times = {name: [] for name in ways(model, args.batch_size)}
         first = {name: [] for name in times}
         for _ in range(args.rounds):
             for name, kw in ways(model, args.batch_size).items():
-                config = TrainConfig(model=model, dataset="mnist", batch_size=args.batch_size, lr=0.05,
+                config = TrainConfig(model=model, dataset=args.dataset, batch_size=args.batch_size, lr=0.05,
                                      epochs=args.epochs + 1, **kw)
                 compiling, *later = epoch_times(config, train_ds, test_ds)
                 first[name].append(compiling)
@@ -101,14 +103,14 @@ def main() -> None:
                   f"x{ratio:.2f} plain{target}  [{', '.join(f'{s:.2f}' for s in t)}]; "
                   f"first epoch (compiling) {statistics.median(first[name]):.1f} s", flush=True)
         steps = -(-len(train_ds) // args.batch_size)
-        noise = noise_draw_ms(model) * steps / 1e3
+        noise = noise_draw_ms(model, train_ds.image_shape) * steps / 1e3
         print(f"{model} B={args.batch_size} the noise draws alone: {noise:.2f} s per epoch "
               f"(x{noise / plain:.2f} of a plain epoch)", flush=True)
     for model in args.models:
-        for physical in (None, 1024, 256):
-            mem = peak_memory(model, 4096, physical)
+        for physical in (None, args.logical // 4, args.logical // 16):
+            mem = peak_memory(model, args.logical, physical, train_ds.image_shape, len(train_ds))
             label = "whole" if physical is None else f"physical {physical}"
-            print(f"{model} logical batch 4096, {label:14s} peak memory "
+            print(f"{model} logical batch {args.logical}, {label:14s} peak memory "
                   f"{'n/a' if mem is None else f'{mem / 2**20:8.1f} MiB'}", flush=True)
 
 

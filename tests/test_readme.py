@@ -83,6 +83,8 @@ NOT_RUN = {
     "jaxbatch train --dp-clip 1.0 --dp-noise 1.1 --dp-epsilon 3": "tests/test_privacy.py covers it",
     "jaxbatch train --dp-clip 1.0 --dp-noise 1.1 --dp-sampling shuffle": "tests/test_privacy.py covers it",
     "python scripts/noise_scale.py --data-dir ../shared/data --out results/noise_scale": REAL_DATA + "; long",
+    "python scripts/dp_cost.py --data-dir $JAXBATCH_DATA_DIR": REAL_DATA + "; about 25 minutes (tests/test_dp_cost.py "
+    "runs a small one)",
     "jaxbatch data download mnist": "the network",
     "jaxbatch data download mnist --mirror file:///srv/data --deadline 600": "a mirror folder that is not here "
     "(tests/test_data_download.py serves one)",
