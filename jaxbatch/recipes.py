@@ -59,7 +59,7 @@ RECIPES: dict[str, dict] = {
     ),
     "dp-mnist-cnn": dict(
         text="DP-SGD (Abadi et al. 2016) with text A's cnn (ReLU): clip 1, batch 256, 15 epochs, epsilon 3",
-        reported="with shuffled batches and RDP here before: 0.9587 at epsilon 2.73 (sigma 0.8)",
+        reported="Opacus's example, its own small ReLU CNN: 0.968 at epsilon 2.91",
         config=dict(model="cnn", dataset="mnist", optimizer="sgd", lr=0.3, momentum=0.5, batch_size=256,
                     epochs=15, dp_clip=1.0, dp_delta=1e-5, dp_epsilon=3.0),
     ),
