@@ -137,5 +137,5 @@ def is_private(config: TrainConfig) -> bool:
 
 
 def poisson(config: TrainConfig) -> bool:
-    """Whether the run's batches are drawn by Poisson sampling (privacy.poisson_batches)."""
+    """Whether the run's batches are drawn by Poisson sampling (privacy.draw_batches)."""
     return is_private(config) and config.dp_sampling == "poisson"

@@ -14,10 +14,10 @@ privacy cost.
 
 Sampling. The guarantee is proved for Poisson sampling: every example joins
 each step's batch independently with probability q = B / N, so a batch
-holds B examples on average, not exactly. `poisson_batches` draws them from
+holds B examples on average, not exactly. `draw_batches` draws them from
 (seed, step) alone and pads each batch with weight-0 examples to a fixed
 number of slots (B plus six standard deviations: a batch needs more with
-probability below 1e-9, and then that chunk of steps simply gets more
+probability below 1e-9, and then that epoch's batches simply get more
 slots), so the sampling stays exact; `trim` then cuts a chunk of steps
 whose batches all fit to B plus 2.5 standard deviations, so most steps
 compute on little padding and a run compiles for two sizes.
@@ -276,31 +276,36 @@ def sample_key(seed, step):
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0x5A3E), step)
 
 
-@partial(jax.jit, static_argnums=(2, 3))
-def poisson_batches(seed, steps, n: int, slots: int, rate):
-    """For each global step in `steps`: every one of the n examples joins
-    with probability `rate`, independently, drawn from (seed, step) alone.
-    Returns (indices (k, slots): the joined examples first, then example 0
-    as padding; weights (k, slots): 1 joined, 0 padding; counts (k,)). A
-    count above `slots` means the batch did not fit: draw again with more."""
+@partial(jax.jit, static_argnums=2)
+def joined(seed, steps, n: int, rate):
+    """(k, n) booleans: whether each of the n examples joins the batch of
+    each global step in `steps`, independently with probability `rate`,
+    drawn from (seed, step) alone."""
     def one(step):
-        joined = jax.random.uniform(sample_key(seed, step), (n,), jnp.float32) < rate  # float32 under x64 too
-        count = jnp.sum(joined)
-        idx = jnp.nonzero(joined, size=slots, fill_value=0)[0]
-        return idx.astype(jnp.int32), (jnp.arange(slots) < count).astype(jnp.float32), count
+        return jax.random.uniform(sample_key(seed, step), (n,), jnp.float32) < rate  # float32 under x64 too
 
     return jax.vmap(one)(steps)
 
 
+# Steps whose membership is drawn at once: (256, N) booleans, 15 MB for MNIST,
+# however small the batch (B = 16 takes 3,750 steps an epoch).
+STEPS_PER_DRAW = 256
+
+
 def draw_batches(seed: int, steps, n: int, slots: int, rate: float, multiple: int = 8):
-    """`poisson_batches` on the host's terms: (indices, weights) for `steps`,
-    with every joined example kept. In the rare chunk where a batch needs
-    more than `slots`, that chunk is drawn again with enough (the same draws:
-    they depend on (seed, step) only), which compiles its steps once more."""
+    """The Poisson batches of `steps` (`joined`), as (indices, weights), (k,
+    S) each: a batch's joined examples first, in order, then example 0 with
+    weight 0 as padding. S = `slots`, or in the rare draw where a batch
+    needs more, enough for it rounded up to `multiple`: no joined example is
+    ever cut. The membership is drawn on the device and its indices found on
+    the host (np.flatnonzero): an epoch's draw for B = 256 on MNIST took 139
+    ms against 264 ms with jnp.nonzero on the device (2-core CPU; the mlp's
+    whole plain epoch is 0.44 s there)."""
     steps = np.asarray(steps, np.int32)
-    idx, weights, counts = poisson_batches(np.uint32(seed), steps, n, slots, rate)
-    most = int(np.max(counts)) if len(steps) else 0
-    if most > slots:
-        bigger = round_up(most, multiple)
-        idx, weights, _ = poisson_batches(np.uint32(seed), steps, n, bigger, rate)
-    return np.asarray(idx), np.asarray(weights)
+    members = [np.flatnonzero(row) for start in range(0, len(steps), STEPS_PER_DRAW)
+               for row in np.asarray(joined(np.uint32(seed), steps[start:start + STEPS_PER_DRAW], n, rate))]
+    width = max([slots] + [round_up(len(m), multiple) for m in members])
+    idx, weights = np.zeros((len(steps), width), np.int32), np.zeros((len(steps), width), np.float32)
+    for row, m in enumerate(members):
+        idx[row, :len(m)], weights[row, :len(m)] = m, 1.0
+    return idx, weights
