@@ -51,7 +51,6 @@ from jaxbatch.errors import JaxbatchError
 
 INSTALL_HINT = 'pip install -e ".[dp]" (or: pip install dp-accounting)'
 SAMPLINGS = ("poisson", "shuffle")
-ACCOUNTANTS = ("pld", "rdp")
 # The PLD's value discretisation: 1e-3 gives an upper bound within 0.1% of the
 # library's finer default (1e-4; 2.2739 against 2.2720 for dp-mnist) in a tenth
 # of the time, so every epoch line and the calibration can afford it.
@@ -239,21 +238,25 @@ def round_up(count: int, multiple: int) -> int:
     return -(-count // multiple) * multiple
 
 
+def padded_size(batch_size: int, n: int, deviations: float, multiple: int = 8) -> int:
+    """B plus `deviations` standard deviations of a Poisson batch's size,
+    Binomial(N, q), never above N, rounded up to `multiple`."""
+    q = batch_size / n
+    return round_up(min(n, math.ceil(batch_size + deviations * math.sqrt(n * q * (1 - q)))), multiple)
+
+
 def batch_slots(batch_size: int, n: int, multiple: int = 8) -> int:
     """A Poisson batch's padded size: the expected B plus six standard
-    deviations of Binomial(N, q) (more are needed with probability below
-    1e-9 per step), rounded up to `multiple` (the devices, the physical batch)."""
-    q = batch_size / n
-    slots = min(n, math.ceil(batch_size + 6 * math.sqrt(n * q * (1 - q))))
-    return round_up(slots, multiple)
+    deviations (more are needed with probability below 1e-9 per step),
+    rounded up to `multiple` (the devices, the physical batch)."""
+    return padded_size(batch_size, n, 6, multiple)
 
 
 def typical_slots(batch_size: int, n: int, multiple: int = 8) -> int:
     """The padded size a chunk of Poisson batches takes when all of them fit
-    (`trim`): B plus 2.5 standard deviations of Binomial(N, q), rounded up
-    to `multiple`. A chunk of 8 steps fits with probability 0.95."""
-    q = batch_size / n
-    return round_up(math.ceil(batch_size + 2.5 * math.sqrt(n * q * (1 - q))), multiple)
+    (`trim`): B plus 2.5 standard deviations, rounded up to `multiple`. A
+    chunk of 8 steps fits with probability 0.95."""
+    return padded_size(batch_size, n, 2.5, multiple)
 
 
 def trim(idx, weights, typical: int):

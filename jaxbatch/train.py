@@ -345,9 +345,10 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     chunk_fn = partial(run_chunk, grad_fn=grad_fn, optimizer=optimizer, unroll=unroll,
                        record=config.record_steps > 0)
     slots = cut = None
+    multiple = batch_multiple(config, mesh)
     if poisson(config):  # padded Poisson batches: the slots for the worst case, cut per chunk (privacy.trim)
-        slots = privacy.batch_slots(config.batch_size, n, batch_multiple(config, mesh))
-        cut = privacy.typical_slots(config.batch_size, n, batch_multiple(config, mesh))
+        slots = privacy.batch_slots(config.batch_size, n, multiple)
+        cut = privacy.typical_slots(config.batch_size, n, multiple)
     reason = stop_requested()
     if reason:  # before the first file: the folder stays as it was
         raise Interrupted(reason, position["epoch"], position["epoch_step"], None, started=False)
@@ -371,7 +372,7 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
         epoch_steps = min(steps_per_epoch, total_steps - done)
         resumed = ckpt is not None and epoch == position["epoch"] and position["epoch_step"] > 0
         progress.start_epoch(epoch, epoch_steps, ckpt["epoch_sums"] if resumed else None)
-        idx, weights = batches_of(config, epoch, done, n, steps_per_epoch, slots, batch_multiple(config, mesh))
+        idx, weights = batches_of(config, epoch, done, n, steps_per_epoch, slots, multiple)
         first = position["epoch_step"] if resumed else 0  # a chunk boundary: the chunks stay the same
         for start in range(first, epoch_steps, chunk):
             stop = min(start + chunk, epoch_steps)

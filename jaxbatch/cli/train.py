@@ -131,7 +131,8 @@ def dp_start_line(config, event: dict) -> str:
     noise = (f"noise multiplier {event['dp_noise']:.4g} (calibrated for epsilon {config.dp_epsilon:g})"
              if event["dp_noise_calibrated"] else f"noise multiplier {event['dp_noise']:g}")
     if config.dp_sampling == "poisson":
-        sampling = f"Poisson sampling, {config.batch_size} examples per batch on average (padded to at most {event['slots']})"
+        sampling = (f"Poisson sampling, {config.batch_size} examples per batch on average (padded to at most "
+                    f"{event['slots']})")
     else:
         sampling = "shuffled fixed-size batches: the epsilon below assumes Poisson sampling and is NOT a guarantee"
     return (f"DP-SGD: clip {config.dp_clip:g}, {noise}; {sampling}; after {event['total_steps']} steps epsilon "
