@@ -19,6 +19,7 @@ DTYPES = ("float32", "float64")
 SEEDS = 2**32  # jax.random.key takes a seed of 32 bits: 0 .. 2^32 - 1
 
 CHECKPOINTS = "checkpoints (in --out/checkpoints; see README: Checkpoints and resuming)"
+TARGET = "training to a target accuracy (README: Choosing a batch size)"
 PRIVACY = "per-example clipping, DP-SGD and the gradient noise scale (README: Private training)"
 
 
@@ -90,6 +91,13 @@ class TrainConfig:
     # (ghost.grads_and_sq_norms), so measuring costs nothing; other models take
     # an extra pass on the steps that count.
     noise_scale_every: int = setting(4, "measure it on every K-th step", at_least=1, metavar="K", group=PRIVACY)
+    # Time to quality (MLPerf's measure; Shallue et al. 2019's steps to a result): the run stops the
+    # first time an evaluation reaches the target, and records the steps, examples and seconds it took.
+    target_accuracy: float | None = setting(None, "stop the first time the test accuracy reaches A (0 < A <= 1) "
+                                            "and record the steps, examples and training seconds it took",
+                                            type=float, above=0, at_most=1, metavar="A", group=TARGET)
+    eval_every: int | None = setting(None, "evaluate the test accuracy every K steps of an epoch too, not only at "
+                                     "its end (evals.jsonl)", type=int, at_least=1, metavar="K", group=TARGET)
     devices: int | None = setting(None, "data-parallel over the first N devices (default: every device; the "
                                   "batch size is global and must divide by N)", type=int, at_least=1)
     dtype: str = setting("float32", "parameters and inputs (float64 for checks that need more digits)",

@@ -1,6 +1,7 @@
 """Training curves of one run or several, from their folders: loss and
-accuracy against epochs (train solid, test dashed), and epsilon and the
-gradient noise scale when a run logged them, into one PNG.
+accuracy against epochs (train solid, test dashed, and the test figures of
+every evaluation as dots when the run evaluated between epochs), and epsilon
+and the gradient noise scale when a run logged them, into one PNG.
 
     runs = [read_run("runs/mlp-digits/1"), read_run("runs/mlp-digits/2")]
     plot_runs(runs, "compare.png")   # legend: loss=vmap, loss=batched
@@ -32,6 +33,7 @@ class Run:
     folder: Path
     config: dict  # config.json as written, {} when the folder has none
     records: list  # metrics.jsonl, one dict per epoch
+    evals: list = dataclasses.field(default_factory=list)  # evals.jsonl (--eval-every, --target-accuracy)
 
 
 def read_run(folder) -> Run:
@@ -66,7 +68,23 @@ def read_run(folder) -> Run:
             raise JaxbatchError(f"{folder / 'config.json'} is not JSON") from None
         if not isinstance(config, dict):
             raise JaxbatchError(f"{folder / 'config.json'} does not hold a run's settings")
-    return Run(folder, config, records)
+    return Run(folder, config, records, _evaluations(folder / "evals.jsonl"))
+
+
+def _evaluations(path: Path) -> list:
+    """evals.jsonl's whole records (a torn last line is left out: they are extra points, not the record)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and all(isinstance(record.get(k), (int, float)) for k in ("epochs", "test_accuracy",
+                                                                                              "test_loss")):
+            records.append(record)
+    return records
 
 
 def labels(runs: list[Run]) -> list[str]:
@@ -113,9 +131,12 @@ def draw(runs: list[Run]):
                 epochs, values = _series(run, series)
                 if epochs:  # a private run without its non-private figures has no train line: no legend entry
                     ax.plot(epochs, values, style, color=color, ms=3, label=label)
+            if key in ("loss", "accuracy") and run.evals:  # the evaluations between epoch ends, at epochs seen
+                ax.plot([e["epochs"] for e in run.evals], [e[f"test_{key}"] for e in run.evals], ".", color=color,
+                        ms=2, alpha=0.6, label=f"{name} test, every evaluation")
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.2, 1.4 ticks
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epoch ticks whole: no 1.2, 1.4
         ax.grid(alpha=0.3)
         if key == "noise_scale":
             ax.set_yscale("log")

@@ -78,23 +78,44 @@ class EventLog:
         if self.failed:
             return
         try:
-            from tensorboardX.event_file_writer import EventsWriter
             from tensorboardX.proto.event_pb2 import Event
             from tensorboardX.proto.summary_pb2 import Summary
 
-            if self.writer is None:
-                # EventsWriter names files by the second; pid and nanoseconds keep a
-                # resumed run started within that second from truncating the last file.
-                self.writer = EventsWriter(str(self.folder / "events"), f".{os.getpid()}.{time.time_ns()}")
             values = [Summary.Value(tag=tag, simple_value=v) for tag, v in scalars(record).items()]
-            self.writer.write_event(Event(wall_time=time.time(), step=int(record["epoch"]),
-                                          summary=Summary(value=values)))
-            self.writer.flush()  # on disk as the epoch ends, like its metrics.jsonl line
+            self._write(Event(wall_time=time.time(), step=int(record["epoch"]), summary=Summary(value=values)))
         except Exception as err:  # noqa: BLE001 - events are a view; the run must not end for them
-            self.failed, self.error = True, f"{type(err).__name__}: {err}"
-            self.close()
-            warnings.warn(f"TensorBoard events in {self.folder} stopped ({self.error}); metrics.jsonl still has "
-                          "every epoch", EventsWarning, stacklevel=2)
+            self._failed(err)
+
+    def write_evaluation(self, record: dict) -> None:
+        """An evaluation point (evals.jsonl) at step = the run's step: tags ending in _at_step, so
+        TensorBoard keeps them apart from the per-epoch curves."""
+        if self.failed:
+            return
+        try:
+            from tensorboardX.proto.event_pb2 import Event
+            from tensorboardX.proto.summary_pb2 import Summary
+
+            values = [Summary.Value(tag=f"{TAGS[key]}_at_step", simple_value=float(record[key]))
+                      for key in ("test_loss", "test_accuracy")]
+            self._write(Event(wall_time=time.time(), step=int(record["step"]), summary=Summary(value=values)))
+        except Exception as err:  # noqa: BLE001 - events are a view; the run must not end for them
+            self._failed(err)
+
+    def _write(self, event) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+
+        if self.writer is None:
+            # EventsWriter names files by the second; pid and nanoseconds keep a
+            # resumed run started within that second from truncating the last file.
+            self.writer = EventsWriter(str(self.folder / "events"), f".{os.getpid()}.{time.time_ns()}")
+        self.writer.write_event(event)
+        self.writer.flush()  # on disk as it happens, like its metrics.jsonl or evals.jsonl line
+
+    def _failed(self, err: Exception) -> None:
+        self.failed, self.error = True, f"{type(err).__name__}: {err}"
+        self.close()
+        warnings.warn(f"TensorBoard events in {self.folder} stopped ({self.error}); metrics.jsonl still has "
+                      "every epoch", EventsWarning, stacklevel=3)
 
     def close(self) -> None:
         writer, self.writer = self.writer, None

@@ -32,6 +32,9 @@ from jaxbatch.precision import matmul_precision
 from jaxbatch.rundir import FolderLock, check_out
 
 
+EVALS = "evals.jsonl"  # one line per evaluation point: target.py
+
+
 class Diverged(JaxbatchError):
     """The training loss became NaN, infinite, or larger than config.max_loss."""
 
@@ -78,6 +81,7 @@ class RunFiles:
                 # --overwrite: this run's config.json must not sit beside another
                 # run's metrics, parameters and checkpoints as if they were its own.
                 self.metrics.unlink(missing_ok=True)
+                (self.dir / EVALS).unlink(missing_ok=True)
                 (self.dir / "params.msgpack").unlink(missing_ok=True)
                 checkpoint.clear(self.dir)
                 events.remove_event_files(self.dir)
@@ -123,6 +127,29 @@ class RunFiles:
                 self.events.write(record)
         return kept
 
+    def evaluations(self, up_to_step: int) -> list:
+        """On resume: the evaluations (evals.jsonl) up to the checkpoint's
+        step; later ones are dropped, as `history` drops later epochs."""
+        path = self.out / EVALS if self.out is not None else None
+        if path is None or not path.exists():
+            return []
+        records = [_json_line(line) for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        kept = [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)
+                and r["step"] <= up_to_step]
+        if self.dir is not None:
+            if len(kept) != len(records):
+                self._write_atomic(EVALS, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            for record in kept:
+                self.events.write_evaluation(record)
+        return kept
+
+    def evaluation(self, record: dict) -> None:
+        """One evaluation point (--eval-every, --target-accuracy), appended to evals.jsonl."""
+        if self.dir is not None:
+            with open(self.dir / EVALS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.events.write_evaluation(record)
+
     def epoch(self, record: dict) -> None:
         if self.dir is not None:
             with open(self.metrics, "a") as f:
@@ -140,12 +167,16 @@ class RunFiles:
             self._write_atomic("params.msgpack", serialization.to_bytes(params))
 
 
-def _epoch_record(line: str) -> dict | None:
-    """One metrics.jsonl line as a record, or None if it is not one."""
+def _json_line(line: str):
     try:
-        record = json.loads(line)
+        return json.loads(line)
     except ValueError:
         return None
+
+
+def _epoch_record(line: str) -> dict | None:
+    """One metrics.jsonl line as a record, or None if it is not one."""
+    record = _json_line(line)
     epoch = record.get("epoch") if isinstance(record, dict) else None
     return record if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 

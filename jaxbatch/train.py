@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from jaxbatch import backends, checkpoint, devices, optim, privacy, runlog
+from jaxbatch import target as target_lib
 from jaxbatch import data as data_lib
 from jaxbatch.config import TrainConfig, is_private, poisson, validate  # noqa: F401  (the run's settings live there)
 from jaxbatch.data.inputs import channel_stats, input_numbers, normalize
@@ -53,6 +54,8 @@ class TrainResult(NamedTuple):
     params: Any
     history: list  # one dict per epoch
     steps: list = []  # with config.record_steps: one dict per step (loss, grad_norm, zero_output_fraction)
+    evals: list = []  # with --eval-every or --target-accuracy: one dict per evaluation (evals.jsonl)
+    target: dict = {}  # with --target-accuracy: target.record's steps, examples, epochs, seconds to it
 
 
 class Interrupted(JaxbatchError):
@@ -233,6 +236,11 @@ def chunk_plan(config: TrainConfig, steps_per_epoch: int, has_convolution: bool,
     unrolled_steps = backends.choices(backend).unrolled_conv_steps if has_convolution else None
     unroll = config.unroll if config.unroll is not None else unrolled_steps is not None
     chunk = config.steps_per_chunk or (unrolled_steps if unroll and unrolled_steps else -(-steps_per_epoch // 10))
+    if config.eval_every:  # evaluations fall on chunk boundaries, every K steps of an epoch
+        k = config.eval_every
+        # Rolled, a scan's length costs nothing to compile: K steps a chunk. Unrolled, the
+        # largest divisor of K that the backend's unrolled chunk allows.
+        chunk = max(d for d in range(1, min(k, chunk) + 1) if k % d == 0) if unroll else k
     return max(1, min(chunk, steps_per_epoch)), bool(unroll)
 
 
@@ -364,11 +372,37 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
             "final_epsilon": final_epsilon})
     progress = runlog.Progress(config, notify)
     history = files.history(position["epochs_done"]) if ckpt is not None else []
+    evals = files.evaluations(position["step"]) if ckpt is not None else []
+    saved = ckpt["epoch_sums"] if ckpt is not None else {}
+    clock = closing.enter_context(target_lib.TrainClock(_number(saved.get("train_time_s"))))
+    examples_before = _number(saved.get("examples_before"))  # the examples of the epochs done
+    keeps_evals = config.eval_every is not None or config.target_accuracy is not None
+    point = None  # the first evaluation that reached the target
+
+    def evaluate_now(epoch: int, step: int) -> dict:
+        """Evaluate the test split (the clock stopped) and record it as an evaluation point."""
+        loss, accuracy = evaluate(state[0], test_x, test_y, numbers["inputs"], apply_fn=model.apply,
+                                  batch_size=config.eval_batch_size, mesh=mesh)
+        examples = int(examples_before + progress.seen)
+        record = {"step": step, "epoch": epoch, "examples": examples, "epochs": examples / n,
+                  "test_loss": loss, "test_accuracy": accuracy, "train_time_s": clock.seconds}
+        if keeps_evals:
+            evals.append(record)
+            files.evaluation(record)
+        if target_lib.reached(config.target_accuracy, accuracy) and config.dp_noise is not None:
+            record = {**record, "epsilon": privacy.epsilons(q, config.dp_noise, step, config.dp_delta)["epsilon"]}
+        return record
+
+    def save(position: dict):
+        return files.checkpoint(position, {**progress.sums(), "train_time_s": clock.seconds,
+                                           "examples_before": examples_before}, state)
+
     done = position["step"] - position["epoch_step"]  # steps before this epoch
     for epoch in range(position["epoch"], config.epochs + 1):
-        if done >= total_steps:
+        if done >= total_steps or point is not None:
             break
         t0 = time.perf_counter()
+        clock.start()
         epoch_steps = min(steps_per_epoch, total_steps - done)
         resumed = ckpt is not None and epoch == position["epoch"] and position["epoch_step"] > 0
         progress.start_epoch(epoch, epoch_steps, ckpt["epoch_sums"] if resumed else None)
@@ -383,40 +417,66 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
             steps = devices.place(np.arange(done + start, done + stop, dtype=np.int32), everywhere)
             state, summary, trace = chunk_fn(state, train_data, *batches, steps, numbers)
             progress.push(start, stop, summary, trace)
+            if stop < epoch_steps and target_lib.eval_due(config.eval_every, stop):
+                progress.flush()  # the chunk's steps are done (and did not diverge) before they are timed
+                clock.stop()
+                reached = evaluate_now(epoch, done + stop)
+                if target_lib.reached(config.target_accuracy, reached["test_accuracy"]):
+                    point = reached
+                    break
+                clock.start()
             reason = stop_requested()
             every = config.checkpoint_every
             due = every and (done + stop) // every > (done + start) // every and stop < epoch_steps
             path = None
             if (reason or due) and config.out:
                 progress.flush()  # a checkpoint holds only steps known not to have diverged
-                path = files.checkpoint({"step": done + stop, "epoch": epoch, "epoch_step": stop,
-                                         "epochs_done": epoch - 1}, progress.sums(), state)
+                clock.stop()
+                path = save({"step": done + stop, "epoch": epoch, "epoch_step": stop, "epochs_done": epoch - 1})
+                clock.start()
             if reason:
                 raise Interrupted(reason, epoch, stop, path)
         progress.flush()
-        done += epoch_steps
         jax.block_until_ready(state)
+        clock.stop()
         train_time = time.perf_counter() - t0
-        test_loss, test_acc = evaluate(state[0], test_x, test_y, numbers["inputs"], apply_fn=model.apply,
-                                       batch_size=config.eval_batch_size, mesh=mesh)
+        steps_done = point["step"] - done if point is not None else epoch_steps
+        done += steps_done
+        if point is None:
+            end = evaluate_now(epoch, done)
+            point = end if target_lib.reached(config.target_accuracy, end["test_accuracy"]) else None
+        else:
+            end = point
         record = {
             "epoch": epoch, "steps": done, "examples_seen": int(progress.seen),
             "train_loss": progress.loss_sum / progress.seen, "train_accuracy": progress.correct / progress.seen,
-            "test_loss": test_loss, "test_accuracy": test_acc, "epoch_time_s": train_time,
+            "test_loss": end["test_loss"], "test_accuracy": end["test_accuracy"], "epoch_time_s": train_time,
             "lr_end": float(optimizer[-1].learning_rate(optimizer_numbers)(done)),
             "devices": env["devices"], "device_kind": env["device_kind"],
             **gradient_metrics(config, progress, n, done),
         }
         record = privacy.released(record, config.dp_noise is not None, config.dp_nonprivate_metrics)
+        examples_before += progress.seen
+        # The target's record on the run's last line: reached here, or never (the run's last epoch).
+        last = point is not None or done >= total_steps or epoch == config.epochs
+        if last and config.target_accuracy is not None:
+            record["target"] = target_lib.record(config.target_accuracy, point, n)
         history.append(record)
         files.epoch(record)
         notify({"kind": "epoch", **record})
-        if config.out:
-            files.checkpoint({"step": done, "epoch": epoch + 1, "epoch_step": 0, "epochs_done": epoch},
-                             progress.sums(), state)
+        # No checkpoint once the target is reached: the run is over, and a --resume replays
+        # it from the checkpoint before, to the same step.
+        if config.out and point is None:
+            save({"step": done, "epoch": epoch + 1, "epoch_step": 0, "epochs_done": epoch})
     final = jax.tree.map(jnp.asarray, devices.fetch(state[0]))
     files.params(final)
-    return TrainResult(final, history, progress.steps)
+    target = history[-1].get("target", {}) if history else {}
+    return TrainResult(final, history, progress.steps, evals, target)
+
+
+def _number(value) -> float:
+    """A checkpoint's saved number, or 0 where an older checkpoint has none."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def gradient_metrics(config: TrainConfig, progress, train_size: int, steps_done: int) -> dict:

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     from jaxbatch.settings import add_flags
 
     p = sub.add_parser(
-        "experiment", help="run a demonstration (equality, variance, input-scale, lr-scaling, activations, clipping)",
+        "experiment", help="run a demonstration (equality, variance, input-scale, lr-scaling, activations, clipping, "
+        "critical-batch)",
         description="Run one of the demonstrations, print a short table and write result.json and PNG "
         "plots to --out. Defaults are the full runs on the real datasets; --quick is a small offline "
         "run on the bundled digits.")

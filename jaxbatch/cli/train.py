@@ -165,6 +165,16 @@ def epoch_extras(event: dict) -> str:
     return "".join(f"  {p}" for p in parts)
 
 
+def target_line(target: dict, final: dict) -> str:
+    """--target-accuracy's outcome: where the run reached it, or that it did not."""
+    if not target["reached"]:
+        return f"target test accuracy {target['target_accuracy']:g} not reached in {final['steps']} steps"
+    epsilon = f", epsilon {target['epsilon_to_target']:.3g}" if "epsilon_to_target" in target else ""
+    return (f"target test accuracy {target['target_accuracy']:g} reached at step {target['steps_to_target']}: "
+            f"{target['examples_to_target']} examples ({target['epochs_to_target']:.3g} epochs), "
+            f"{format_seconds(target['seconds_to_target'])} of training (compilation excluded){epsilon}")
+
+
 def bar_showing(args, showing: bool) -> None:
     """Tell the signal handler (cli.StopSignals) whether a progress bar holds stderr's last line."""
     if hasattr(args.stop_requested, "bar_showing"):
@@ -247,6 +257,8 @@ def run(args) -> int:
     final = result.history[-1]
     if jax.process_index() != 0:  # process 0 speaks for all
         return 0
+    if result.target:
+        print(target_line(result.target, final))
     print(f"test accuracy {final['test_accuracy']:.4f} after {final['epoch']} epochs; "
           f"metrics and params in {config.out}/")
     if args.plot and config.out:

@@ -9,6 +9,8 @@
                   linear layers are one
     clipping      DP-SGD: clipping is where per-example and batched part;
                   per-example norms, and SGD vs clipped vs private training
+    critical-batch  text D: steps and epochs to a target accuracy against B,
+                  the critical batch size, and whether B_simple predicts it
 
 Each module has a `Config` dataclass whose defaults are the full run on the
 real datasets, every field declared once with its help text and valid values
@@ -18,13 +20,15 @@ changes), `validate(config)` (`settings.check`, then the rules that need
 code), `run(config, on_progress) -> result` (a JSON-able dict),
 `summary(result)` (the printed table) and `figures(result)` ({name:
 matplotlib Figure}). `run_experiment` adds the matmul precision the run used
-to the result.
+to the result. A `run` that takes `out` gets the output folder, to keep
+what it has finished there (critical-batch: a rerun skips it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from types import ModuleType
 
 from jaxbatch.config import SEEDS
@@ -43,6 +47,7 @@ EXPERIMENTS = {
     "lr-scaling": "lr_scaling",
     "activations": "activations",
     "clipping": "clipping",
+    "critical-batch": "critical_batch",
 }
 
 
@@ -74,5 +79,6 @@ def run_experiment(name: str, config, out, on_progress=None):
     the default one is not float32, and the numbers depend on it."""
     module = get_experiment(name)
     check_out_dir(out)
-    result = {**module.run(config, on_progress), "precision": matmul_precision()}
+    keeps = "out" in inspect.signature(module.run).parameters
+    result = {**module.run(config, on_progress, **({"out": out} if keeps else {})), "precision": matmul_precision()}
     return result, write_results(out, result, module.figures(result))
