@@ -488,9 +488,18 @@ def figures(result: dict) -> dict:
                   label="non-private")
         ax_e.plot(ob, [e for e in other["epochs_to_target"] if e is not None], "s--", color="C1", ms=4,
                   label="non-private")
+    from matplotlib.ticker import FixedLocator, LogFormatter, NullLocator, StrMethodFormatter
+
+    sizes = [p["batch_size"] for p in result["points"]]
     for ax, what in ((ax_s, "steps"), (ax_e, "epochs")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(sizes))  # a label at each batch size swept
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:.0f}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_xlabel("batch size B")
         ax.set_ylabel(f"{what} to test accuracy {c['target']:g}")
         ax.grid(alpha=0.3, which="both")
