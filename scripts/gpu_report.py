@@ -775,9 +775,7 @@ def main(argv=None) -> int:
         try:
             for i, name in enumerate(SECTIONS):
                 if name not in chosen:
-                    report["sections"].setdefault(name, {"status": "skipped", "reason": "not in --sections"})
-                    continue
-                if name in report["sections"]:  # skipped for want of a GPU
+                    report["sections"][name] = {"status": "skipped", "reason": "not in --sections"}
                     continue
                 seconds = slot(name, [s for s in SECTIONS[i + 1:] if s in chosen],
                                args.budget_s - (time.perf_counter() - started), args.tiny)
@@ -801,7 +799,8 @@ def main(argv=None) -> int:
                       + (f" ({s['reason']})" if s.get("reason") else ""), flush=True)
                 no_gpu = None if args.tiny or name != "device" else why_no_gpu(report)
                 for later in (SECTIONS[i + 1:] if no_gpu else ()):
-                    report["sections"][later] = {"status": "skipped", "reason": no_gpu}
+                    report["sections"][later] = {"status": "skipped",
+                                                 "reason": no_gpu if later in chosen else "not in --sections"}
                 report["total_s"] = time.perf_counter() - started
                 write_reports(report, work, args.out_dir)
                 if no_gpu:
