@@ -219,7 +219,7 @@ def test_without_a_gpu_the_run_stops_after_the_device_section_and_says_so(tmp_pa
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_stop_from_outside_leaves_no_section_running(tmp_path, sig):
     """The section's process is frozen (SIGSTOP) as soon as it starts, so it cannot end on its own
     first; then the parent is sent `sig`. SIGTERM: the parent ends the section's process group and
