@@ -188,15 +188,17 @@ def time_torch(name, method, params, batches, config, memory_limit, reference: C
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     default_threads, by_threads = torch.get_num_threads(), {}
+    tf32 = tt.tf32_like_jax()  # the precision JAX's steps are timed at
     try:
-        for n in config.torch_threads or (default_threads,):
-            torch.set_num_threads(n)
-            by_threads[n] = time_calls(step, inputs, tt.torch_sync(dev), **timing_settings(config))
+        with tt.tf32(tf32):
+            for n in config.torch_threads or (default_threads,):
+                torch.set_num_threads(n)
+                by_threads[n] = time_calls(step, inputs, tt.torch_sync(dev), **timing_settings(config))
+            grads = tt.grads_to_jax_layout(name, model, step(*inputs[0]), IMAGE_SHAPES[name])
     finally:
         torch.set_num_threads(default_threads)
     threads, timing = min(by_threads.items(), key=lambda item: item[1].median_s)
-    grads = tt.grads_to_jax_layout(name, model, step(*inputs[0]), IMAGE_SHAPES[name])
-    row = case_row("torch", name, b, method, compile_s=None, flops_source="xla, same method in jax",
+    row = case_row("torch", name, b, method, compile_s=None, flops_source="xla, same method in jax", tf32=tf32,
                    torch_threads=threads, step_s_by_threads={str(n): t.median_s for n, t in by_threads.items()},
                    peak_memory_bytes=int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
                    max_rel_diff_vs_batched=relative_difference(grads, tt.flax_layers(name, reference())))

@@ -8,8 +8,10 @@ a flatten gets its rows reordered from JAX's (h, w, c) flattening to PyTorch's
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
+import jax
 import numpy as np
 
 from jaxbatch.bench.measure import matmul_peak
@@ -31,6 +33,26 @@ def torch_device(platform: str):
     """Run the twins where JAX runs: CUDA when JAX is on a GPU, else the CPU."""
     torch = require_torch()
     return torch.device("cuda" if platform == "gpu" and torch.cuda.is_available() else "cpu")
+
+
+def tf32_like_jax() -> bool:
+    """Whether JAX computes float32 matmuls and convolutions in TF32 at the precision now in force:
+    on an NVIDIA GPU unless it is "highest" (or "float32"); see jaxbatch.precision."""
+    return jax.default_backend() == "gpu" and jax.config.jax_default_matmul_precision not in ("highest", "float32")
+
+
+@contextlib.contextmanager
+def tf32(on: bool):
+    """PyTorch's float32 matmuls and cuDNN convolutions in TF32 (on) or float32 (off) inside the block.
+    Its defaults differ from JAX's (float32 matmuls, TF32 convolutions), which would favour one side.
+    The legacy switches: mixing them with PyTorch's newer `fp32_precision` settings raises."""
+    backends = require_torch().backends
+    before = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32
+    backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = before
 
 
 def _build(name: str, c: int, size: int):
