@@ -13,6 +13,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 mkdir -p wheels/gpu
-# The version tested here (pyproject's [dp] extra asks for >= 0.4).
+# The version tested here (pyproject asks for dp-accounting >= 0.4).
 "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d wheels/gpu "dp-accounting==0.6.0"
 du -ch wheels/gpu/*.whl | tail -n 1

@@ -54,7 +54,7 @@ def test_info_json_and_what_it_checks_of_data_files(tmp_path, capsys):
     assert info["backend"] == "cpu" and info["devices"]["count"] == 1
     assert info["precision"]["matmul_precision"] == "default"
     assert set(info["versions"]) >= {"jaxbatch", "jax", "jaxlib", "flax", "optax"}
-    assert info["extras"]["dp"]["installed"] is True  # the test extra installs dp-accounting
+    assert info["extras"]["dp"]["installed"] is True  # dp-accounting is a base dependency
     mnist = info["data"]["datasets"]["mnist"]
     assert mnist["present"] and "by name and size" in mnist["checked"]  # sizes only: no hashing by default
     assert cli("info", "--json", "--sha256", "--data-dir", str(tmp_path)) == 0

@@ -18,6 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 # extra -> (what it is for, the distributions it installs that matter)
 EXTRAS = {
+    # a base dependency, listed because jaxbatch run uninstalled (PYTHONPATH=.) may lack it
     "dp": ("DP-SGD epsilon accounting (--dp-noise, --dp-epsilon)", ["dp-accounting"]),
     "torch": ("PyTorch twins in jaxbatch bench --torch", ["torch"]),
     "tfds": ("preparing TFDS datasets (jaxbatch data prepare)", ["tensorflow"]),
