@@ -33,6 +33,7 @@ RUN = [
     "jaxbatch train --config runs/mlp-digits/2/config.json --seed 1",
     "jaxbatch train --dp-clip 1.0",
     "jaxbatch data list",
+    "jaxbatch train --target-accuracy 0.95 --eval-every 5",
 ]
 PIP = "installs packages: the network, and it would change this environment"
 REAL_DATA = "needs the real datasets (tests/test_recipes_real.py and tests/test_experiments_realdata.py run " \
@@ -76,6 +77,11 @@ NOT_RUN = {
     "jaxbatch train --distributed": "needs a cluster JAX detects (a TPU pod, SLURM)",
     "jaxbatch train --recipe mlp-fashion --checkpoint-every 200": REAL_DATA + "; tests/test_resume.py resumes",
     "jaxbatch train --recipe mlp-fashion --checkpoint-every 200 --resume": REAL_DATA,
+    # critical-batch.md
+    "jaxbatch experiment critical-batch --quick": "about a minute on 2 CPU cores: 36 trainings "
+    "(tests/test_critical_batch.py runs a smaller sweep and its rerun)",
+    "jaxbatch experiment critical-batch --out runs/cb-mlp-mnist --lr-grid 0.0025,5.12 --max-epochs 50":
+    REAL_DATA + "; an hour",
     # privacy.md
     "jaxbatch train --dp-clip 1.0 --dp-epsilon 3": "about a minute: calibrating the noise and compiling the "
     "private step (tests/test_dp_sampling.py calibrates)",
