@@ -24,6 +24,7 @@ dependencies to every install for no gain here.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -136,17 +137,18 @@ def read(path: Path) -> dict:
     sums = ckpt["epoch_sums"]
     for key in ("loss_sum", "correct", "seen"):
         if not _is_number(sums.get(key)):
-            raise ValueError(f"its epoch sums' {key!r} is {sums.get(key)!r}, not a number")
+            raise ValueError(f"its epoch sums' {key!r} is {sums.get(key)!r}, not a finite number")
     if sums.get("last_finite") is not None and not _is_number(sums["last_finite"]):
-        raise ValueError("its epoch sums' 'last_finite' is not a number")
+        raise ValueError("its epoch sums' 'last_finite' is not a finite number")
     extra = sums.get("extra", {})
     if not isinstance(extra, dict) or not all(_is_number(v) for v in extra.values()):
-        raise ValueError("its epoch sums' 'extra' is not a mapping of numbers")
+        raise ValueError("its epoch sums' 'extra' is not a mapping of finite numbers")
     return ckpt
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: sums that went NaN or inf are damage, as in the state."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_position(position: dict, steps_per_epoch: int, total_steps: int, epochs: int) -> None:
@@ -189,6 +191,10 @@ def restore(ckpt: dict, target):
         if not isinstance(got, (np.ndarray, np.generic, int, float)) or np.shape(got) != np.shape(want) \
                 or np.asarray(got).dtype != np.asarray(want).dtype:
             raise ValueError(f"its state entry {key} is {_describe(got)}, this run's is {_describe(want)}")
+        # A run saves no checkpoint past a divergence (train: the chunk is
+        # checked first), so a NaN or inf here is damage, not the run's state.
+        if not np.all(np.isfinite(got)):
+            raise ValueError(f"its state entry {key} holds NaN or inf")
     return serialization.from_state_dict(target, ckpt["state"])
 
 

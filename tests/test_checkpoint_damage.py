@@ -68,6 +68,19 @@ def another_model(c):
     c["state"]["0"] = serialization.to_state_dict(params)
 
 
+def poisoned(part, value):
+    """A damage: one number of the state's `part` ("0" parameters, "1" optimiser state) set to `value`."""
+    def damage(c):
+        path = first_leaf(c["state"][part])
+        leaf = c["state"][part]
+        for key in path:
+            leaf = leaf[key]
+        leaf = leaf.copy()
+        leaf.flat[0] = value
+        set_at(c["state"][part], path, leaf)
+    return damage
+
+
 DAMAGES = {
     "wrong shape": reshaped,
     "wrong dtype": retyped,
@@ -80,6 +93,10 @@ DAMAGES = {
     "position past the end": lambda c: c["position"].update(step=10**6),
     "inconsistent position": lambda c: c["position"].update(epoch_step=5),
     "sums not numbers": lambda c: c["epoch_sums"].update(seen="many"),
+    # A run never saves past a divergence, so non-finite numbers are damage too.
+    "NaN in the parameters": poisoned("0", np.nan),
+    "inf in the optimiser state": poisoned("1", np.inf),
+    "NaN in the sums": lambda c: c["epoch_sums"].update(loss_sum=float("nan")),
 }
 
 
