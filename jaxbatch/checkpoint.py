@@ -164,13 +164,21 @@ def check_position(position: dict, steps_per_epoch: int, total_steps: int, epoch
                          f"point of this run ({total_steps} steps, {steps_per_epoch} per epoch)")
 
 
+# What a checkpoint of another run differs in first: a mismatch names these
+# before the rest (a checkpoint of another model differs in many settings).
+FIRST_NAMED = ("model", "dataset")
+
+
 def check_settings(saved: dict, wanted: dict, path: Path) -> None:
-    for key in sorted(set(saved) | set(wanted)):
-        if saved.get(key) != wanted.get(key):
-            raise JaxbatchError(
-                f"cannot resume: {path.name} was made with {key} {saved.get(key)!r} and this run has "
-                f"{wanted.get(key)!r}; resume with the checkpoint's {{setting}}, or start a new run in "
-                "another --out", setting=key)
+    keys = dict.fromkeys([*FIRST_NAMED, *sorted(set(saved) | set(wanted))])
+    differ = [key for key in keys if saved.get(key) != wanted.get(key)]
+    if differ:
+        key, others = differ[0], differ[1:]
+        also = f" ({', '.join(others)} {'differs' if len(others) == 1 else 'differ'} too)" if others else ""
+        raise JaxbatchError(
+            f"cannot resume: {path.name} was made with {key} {saved.get(key)!r} and this run has "
+            f"{wanted.get(key)!r}{also}; resume with the checkpoint's {{setting}}, or start a new run in "
+            "another --out", setting=key)
 
 
 def restore(ckpt: dict, target):
