@@ -33,6 +33,7 @@ from flax import serialization, traverse_util
 
 from jaxbatch.atomic import write_atomic
 from jaxbatch.errors import JaxbatchError
+from jaxbatch.rundir import run_files_in
 
 FORMAT = 1
 # Settings that do not change a run's numbers, so a resume may change them.
@@ -96,9 +97,13 @@ def latest(out, config, check: Callable[[dict], None] | None = None) -> dict:
     it under "skipped" as (file name, why). A checkpoint made with other
     settings is refused outright: that is the user's choice to make."""
     found = paths(out)
+    if not found and run_files_in(out):  # a run stopped before its first checkpoint: a new run needs --overwrite
+        raise JaxbatchError(f"the run in {out} saved no checkpoint ({', '.join(run_files_in(out))}, nothing in "
+                            f"{folder(out)}), so there is nothing to resume; start it again with --overwrite "
+                            "in place of --resume")
     if not found:
         raise JaxbatchError(f"no checkpoint in {folder(out)} to resume from; run without --resume to start "
-                            "a new run there, or pass --overwrite")
+                            "a new run there")
     skipped = []
     for path in reversed(found):
         try:

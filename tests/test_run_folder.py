@@ -63,6 +63,24 @@ def test_no_run_to_resume_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("left", [None, "config.json", "checkpoints"])
+def test_a_resume_with_nothing_to_resume_gives_advice_that_works(tmp_path, capsys, left):
+    out = tmp_path / "run"
+    if left:  # what a run killed before its first checkpoint leaves
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"epochs": 1}))
+        if left == "checkpoints":
+            (out / "checkpoints").mkdir()
+    capsys.readouterr()
+    assert train(*QUICK, "--out", str(out), "--resume") == 2
+    line = one_error_line(capsys)
+    advice = {"run without --resume": [], "with --overwrite in place of --resume": ["--overwrite"]}
+    taken = [flags for words, flags in advice.items() if words in line]
+    assert len(taken) == 1, line
+    assert train(*QUICK, "--out", str(out), *taken[0]) == 0, capsys.readouterr().err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 # A flag rejected anywhere before training (seeds out of range, a chunked clip on
 # two devices is the subprocess test below) leaves the earlier run as it was,
 # with or without --overwrite.
