@@ -60,16 +60,24 @@ def paths(out) -> list[Path]:
     return sorted(p for p in where.glob("ckpt-*.msgpack") if p.is_file()) if where.is_dir() else []
 
 
-def save(out, position: dict, epoch_sums: dict, config, state, keep: int) -> Path:
-    """Write one checkpoint of `state` (a host copy) and drop all but the newest `keep`."""
+def save(out, position: dict, epoch_sums: dict, config, state, keep: int, good: Callable[[Path], bool]) -> Path:
+    """Write one checkpoint of `state` (a host copy) and drop all but the
+    newest `keep` good ones. `good(path)` says whether another checkpoint
+    passes the resume's checks (`passes`); one that does not is never
+    counted as kept, and is left where it is: it is the user's to look at,
+    and every resume names it as skipped."""
     where = folder(out)
     where.mkdir(parents=True, exist_ok=True)
     payload = serialization.msgpack_serialize({
         "format": FORMAT, "position": position, "epoch_sums": epoch_sums,
         "settings": settings(config), "state": serialization.to_state_dict(state)})
     path = write_atomic(where / f"ckpt-{position['step']:09d}.msgpack", lambda tmp: tmp.write_bytes(payload))
-    for old in paths(out)[:-keep]:
-        old.unlink(missing_ok=True)
+    kept = 0
+    for old in reversed(paths(out)):
+        if old == path or good(old):
+            kept += 1
+            if kept > keep:
+                old.unlink(missing_ok=True)
     return path
 
 
@@ -107,10 +115,7 @@ def latest(out, config, check: Callable[[dict], None] | None = None) -> dict:
     skipped = []
     for path in reversed(found):
         try:
-            ckpt = read(path)
-            check_settings(ckpt["settings"], settings(config), path)
-            if check is not None:
-                check(ckpt)
+            ckpt = checked(path, config, check)
         except ValueError as err:
             skipped.append((path.name, str(err)))
             continue
@@ -118,6 +123,25 @@ def latest(out, config, check: Callable[[dict], None] | None = None) -> dict:
         return ckpt
     raise JaxbatchError(f"no usable checkpoint in {folder(out)} ({'; '.join(f'{n}: {why}' for n, why in skipped)}); "
                         "start again with --overwrite, or in another --out")
+
+
+def checked(path: Path, config, check: Callable[[dict], None] | None = None) -> dict:
+    """The checkpoint at `path`, read and checked as `latest` checks it:
+    ValueError for damage, JaxbatchError for another run's settings."""
+    ckpt = read(path)
+    check_settings(ckpt["settings"], settings(config), path)
+    if check is not None:
+        check(ckpt)
+    return ckpt
+
+
+def passes(path: Path, config, check: Callable[[dict], None] | None = None) -> bool:
+    """Whether this run could resume from the checkpoint at `path`."""
+    try:
+        checked(path, config, check)
+    except (ValueError, JaxbatchError):
+        return False
+    return True
 
 
 def read(path: Path) -> dict:

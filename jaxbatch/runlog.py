@@ -55,10 +55,14 @@ class RunFiles:
     process 0 writes. A new run refuses a folder holding another run's files
     (`check_out`); with config.overwrite it removes them first."""
 
-    def __init__(self, out: str | None, config, environment: dict):
+    def __init__(self, out: str | None, config, environment: dict, check=None):
         self.out = Path(out) if out else None
         self.dir = self.out if jax.process_index() == 0 else None
         self.config = config
+        # Which checkpoints pass the run's checks (checkpoint.passes with
+        # `check`), by file name: rotation counts only those. Each file is read
+        # once; the run's own are good as written.
+        self.check, self.good = check, {}
         self.lock = None
         self.events = None
         if self.dir is None:
@@ -133,7 +137,15 @@ class RunFiles:
         host_state = fetch(state)  # every process waits here; process 0 writes
         if self.dir is None:
             return None
-        return checkpoint.save(self.dir, position, epoch_sums, self.config, host_state, self.config.keep)
+        path = checkpoint.save(self.dir, position, epoch_sums, self.config, host_state, self.config.keep,
+                               self._good)
+        self.good[path.name] = True
+        return path
+
+    def _good(self, path: Path) -> bool:
+        if path.name not in self.good:
+            self.good[path.name] = checkpoint.passes(path, self.config, self.check)
+        return self.good[path.name]
 
     def params(self, params) -> None:
         if self.dir is not None:

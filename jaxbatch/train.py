@@ -326,11 +326,13 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     state = (params, optim.chain(optimizer, numbers).init(params))
     position = {"step": 0, "epoch": 1, "epoch_step": 0, "epochs_done": 0}
     ckpt = None
-    if config.resume:  # the newest checkpoint whose position and state fit this run
-        def usable(c):
-            checkpoint.check_position(c["position"], steps_per_epoch, total_steps, config.epochs)
-            c["state"] = checkpoint.restore(c, state)
+    fresh = state  # the structure a checkpoint's state must have (`state` moves on as the run goes)
 
+    def usable(c):  # a checkpoint's position and state fit this run (to resume from it, to count it as kept)
+        checkpoint.check_position(c["position"], steps_per_epoch, total_steps, config.epochs)
+        c["state"] = checkpoint.restore(c, fresh)
+
+    if config.resume:  # the newest checkpoint that fits
         ckpt = checkpoint.latest(config.out, config, usable)
         state, position = ckpt["state"], ckpt["position"]
     # Everything but the batches is replicated: parameters, optimiser state,
@@ -352,7 +354,7 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     reason = stop_requested()
     if reason:  # before the first file: the folder stays as it was
         raise Interrupted(reason, position["epoch"], position["epoch_step"], None, started=False)
-    files = closing.enter_context(runlog.RunFiles(config.out, config, env))  # the folder, locked until the end
+    files = closing.enter_context(runlog.RunFiles(config.out, config, env, usable))  # the folder, locked until the end
     notify({"kind": "start", "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "dp_noise": config.dp_noise, "dp_noise_calibrated": calibrated, "slots": slots,
             "final_epsilon_rdp": None if final_epsilon is None else privacy.epsilon(

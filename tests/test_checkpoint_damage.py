@@ -142,6 +142,27 @@ def test_no_usable_checkpoint_is_one_line_and_nothing_altered(finished, tmp_path
     assert files(out) == before
 
 
+def test_rotation_keeps_the_newest_good_checkpoints_and_leaves_damaged_ones(finished, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    ckpts = out / "checkpoints"
+    (ckpts / "ckpt-000000086.msgpack").unlink()  # resume from the end of epoch 1
+    newer = ckpts / "ckpt-999999999.msgpack"  # reads whole, named past every other, holds a NaN
+    c = serialization.msgpack_restore((ckpts / "ckpt-000000043.msgpack").read_bytes())
+    DAMAGES["NaN in the parameters"](c)
+    newer.write_bytes(serialization.msgpack_serialize(c))
+    older = ckpts / "ckpt-000000001.msgpack"
+    older.write_bytes(b"torn")
+    damaged = {p.name: p.read_bytes() for p in (newer, older)}
+    assert main(["train", *FLAGS, "--out", str(out), "--resume", "--keep", "1"]) == 0
+    assert "skipped checkpoint ckpt-999999999.msgpack" in capsys.readouterr().err
+    # the one good checkpoint kept is the run's newest; the damaged files are left as they were
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt-000000001.msgpack", "ckpt-000000086.msgpack",
+                                                       "ckpt-999999999.msgpack"]
+    assert {name: (ckpts / name).read_bytes() for name in damaged} == damaged
+    assert (out / "params.msgpack").read_bytes() == (finished / "params.msgpack").read_bytes()
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_a_fifo_named_like_a_checkpoint_is_not_read(finished, tmp_path, capsys):
     out = tmp_path / "run"
