@@ -7,7 +7,8 @@ A run's folder is its record, so nothing replaces it without being asked:
   README's commands one after another leaves every run to compare;
 - a folder given with --out that already holds a run is refused unless the
   run is continued (--resume) or replaced (--overwrite) (`check_out`, asked
-  before any data is loaded and again once the folder is locked);
+  once every setting has passed its checks, so a bad flag is reported
+  first, and again once the folder is locked);
 - one run at a time writes to a folder (`FolderLock`).
 
 Plain Python, no JAX: the command line checks a folder before importing it.

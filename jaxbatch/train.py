@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbatch import backends, checkpoint, devices, optim, privacy, runlog
+from jaxbatch import backends, checkpoint, devices, optim, privacy, rundir, runlog
 from jaxbatch import data as data_lib
 from jaxbatch.config import TrainConfig, is_private, poisson, validate  # noqa: F401  (the run's settings live there)
 from jaxbatch.data.inputs import channel_stats, input_numbers, normalize
@@ -325,6 +325,9 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     numbers = step_numbers(config, train_ds, optimizer_numbers)
     state = (params, optim.chain(optimizer, numbers).init(params))
     position = {"step": 0, "epoch": 1, "epoch_step": 0, "epochs_done": 0}
+    # Every setting is checked by now; the folder last, so a bad flag is not
+    # met only after the folder's refusal has been dealt with.
+    rundir.check_out(config.out, config.resume, config.overwrite)
     ckpt = None
     fresh = state  # the structure a checkpoint's state must have (`state` moves on as the run goes)
 
@@ -354,7 +357,7 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     reason = stop_requested()
     if reason:  # before the first file: the folder stays as it was
         raise Interrupted(reason, position["epoch"], position["epoch_step"], None, started=False)
-    files = closing.enter_context(runlog.RunFiles(config.out, config, env, usable))  # the folder, locked until the end
+    files = closing.enter_context(runlog.RunFiles(config.out, config, env, usable))  # the folder, locked to the end
     notify({"kind": "start", "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "dp_noise": config.dp_noise, "dp_noise_calibrated": calibrated, "slots": slots,
             "final_epsilon_rdp": None if final_epsilon is None else privacy.epsilon(

@@ -103,6 +103,29 @@ def test_a_refused_run_leaves_the_folder_as_it_was(done_run, capsys, flags, mess
     assert snapshot(out) == before
 
 
+# Every setting is checked before the folder: a bad flag aimed at a folder that
+# holds a run is reported for itself, not after the folder's refusal is dealt with.
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "5000"], "larger than the 1347 training examples"),
+    (["--model", "lenet5"], "lenet5 takes 32x32 images"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--schedule", "warmup"], "needs --warmup-steps of 1 or more"),
+    (["--schedule", "warmup", "--warmup-steps", "1000000"], "is as long as the run (43 steps) or longer"),
+    (["--nesterov", "--optimizer", "adam"], "--nesterov needs optimizer sgd"),
+    (["--dp-clip", "0"], "--dp-clip is the largest norm a per-example gradient keeps"),
+    (["--dp-noise", "1"], "pass --dp-clip C too"),
+    (["--dp-clip", "1", "--dp-noise", "1", "--dp-delta", "2"], "--dp-delta must be between 0 and 1"),
+    (["--dp-clip", "1", "--dp-noise", "0.5", "--dp-epsilon", "1"], "above the budget 1; raise --dp-noise"),
+    (["--dp-clip", "1", "--loss", "batched"], "clipping needs every example's own gradient"),
+])
+def test_a_bad_flag_is_reported_before_the_folder(done_run, capsys, flags, message):
+    out, before = done_run
+    capsys.readouterr()
+    assert train(*QUICK, "--out", str(out), *flags) == 2
+    assert message in one_error_line(capsys)
+    assert snapshot(out) == before
+
+
 def test_overwrite_replaces_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *QUICK, "--out", str(out)]) == 0
@@ -211,7 +234,8 @@ def finish(proc) -> tuple[int, str]:
 
 def test_a_chunked_clip_on_two_devices_is_refused_before_touching_the_run(done_run):
     out, before = done_run
-    status, output = finish(child([*QUICK, "--out", str(out), "--overwrite", "--dp-clip", "1", "--dp-chunk", "4"],
+    # no --overwrite: the flag is refused before the folder holding a run is
+    status, output = finish(child([*QUICK, "--out", str(out), "--dp-clip", "1", "--dp-chunk", "4"],
                                   env={"JAX_NUM_CPU_DEVICES": "2"}))
     assert status == 2, output
     assert "--dp-chunk" in output and len(output.strip().splitlines()) == 1, output
