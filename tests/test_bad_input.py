@@ -33,6 +33,10 @@ def status_and_error(capsys, *argv) -> tuple[int, list[str]]:
     (["bench", "--quick", "--models", "mlp", "--out", "{file}"], "is a file, not a folder; pass --out a folder"),
     (["experiment", "equality", "--quick", "--out", "{file}/x"], "sits under"),
     (["experiment", "equality", "--models", ","], "--models: must list at least one model"),
+    # an empty --out is refused everywhere, not read as "the default folder"
+    (["experiment", "equality", "--quick", "--out", ""], "--out is empty; name a folder"),
+    (["bench", "--quick", "--models", "mlp", "--out", ""], "--out is empty; name a folder"),
+    (["plot", "{file}", "--out", ""], "--out is empty; name a .png file"),
 ])
 def test_refused_before_any_work_with_one_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
