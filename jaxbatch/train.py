@@ -358,17 +358,20 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     if reason:  # before the first file: the folder stays as it was
         raise Interrupted(reason, position["epoch"], position["epoch_step"], None, started=False)
     files = closing.enter_context(runlog.RunFiles(config.out, config, env, usable))  # the folder, locked to the end
+    history = files.history(position["epochs_done"]) if ckpt is not None else []
+    logged = {record["epoch"] for record in history}
     notify({"kind": "start", "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "dp_noise": config.dp_noise, "dp_noise_calibrated": calibrated, "slots": slots,
             "final_epsilon_rdp": None if final_epsilon is None else privacy.epsilon(
                 q, config.dp_noise, total_steps, config.dp_delta, "rdp"),
             "train_size": n, "test_size": len(test_ds), "out": config.out, "devices": env["devices"],
             "device_kind": env["device_kind"], "processes": env["processes"],
-            "resumed_from": None if ckpt is None else {**position, "path": str(ckpt["path"]),
-                                                       "skipped": ckpt["skipped"]},
+            "resumed_from": None if ckpt is None else {
+                **position, "path": str(ckpt["path"]), "skipped": ckpt["skipped"],
+                # epochs done that metrics.jsonl lost: the run goes on exactly, their lines do not come back
+                "missing_epochs": [e for e in range(1, position["epochs_done"] + 1) if e not in logged]},
             "final_epsilon": final_epsilon})
     progress = runlog.Progress(config, notify)
-    history = files.history(position["epochs_done"]) if ckpt is not None else []
     done = position["step"] - position["epoch_step"]  # steps before this epoch
     for epoch in range(position["epoch"], config.epochs + 1):
         if done >= total_steps:

@@ -4,6 +4,7 @@ is found before anything is written, the run resumes from the one before
 checkpoint left, one line and nothing altered."""
 
 import hashlib
+import json
 import os
 import shutil
 
@@ -155,7 +156,9 @@ def test_rotation_keeps_the_newest_good_checkpoints_and_leaves_damaged_ones(fini
     older.write_bytes(b"torn")
     damaged = {p.name: p.read_bytes() for p in (newer, older)}
     assert main(["train", *FLAGS, "--out", str(out), "--resume", "--keep", "1"]) == 0
-    assert "skipped checkpoint ckpt-999999999.msgpack" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "skipped checkpoint ckpt-999999999.msgpack" in err
+    assert "metrics.jsonl" not in err  # every epoch the checkpoint has done is logged: nothing to say of it
     # the one good checkpoint kept is the run's newest; the damaged files are left as they were
     assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt-000000001.msgpack", "ckpt-000000086.msgpack",
                                                        "ckpt-999999999.msgpack"]
@@ -183,3 +186,22 @@ def test_torn_and_garbage_metrics_lines_are_dropped_on_resume(finished, tmp_path
     original = (finished / "metrics.jsonl").read_text().splitlines()
     resumed = (out / "metrics.jsonl").read_text().splitlines()
     assert len(resumed) == 2 and resumed[0] == original[0]
+
+
+@pytest.mark.parametrize("loss", ["missing", "truncated"])
+def test_a_resume_says_which_epochs_metrics_lost(finished, tmp_path, capsys, loss):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    os.remove(sorted((out / "checkpoints").glob("ckpt-*.msgpack"))[-1])  # resume from the end of epoch 1
+    if loss == "missing":
+        os.remove(out / "metrics.jsonl")
+    else:
+        (out / "metrics.jsonl").write_bytes((out / "metrics.jsonl").read_bytes()[:40])
+    capsys.readouterr()
+    assert main(["train", *FLAGS, "--out", str(out), "--resume"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "metrics.jsonl" in line]
+    assert len(err) == 1 and "has no record of epoch 1 (" in err[0], err
+    # the checkpoint still resumes exactly: epoch 2's line is the uninterrupted run's
+    assert (out / "params.msgpack").read_bytes() == (finished / "params.msgpack").read_bytes()
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2]
+

@@ -204,6 +204,12 @@ def run(args) -> int:
                 for name, why in r["skipped"]:
                     print(f"jaxbatch train: skipped checkpoint {name}: {why}; taking the one before", file=sys.stderr,
                           flush=True)
+                if r["missing_epochs"]:
+                    epochs = ", ".join(map(str, r["missing_epochs"]))
+                    print(f"jaxbatch train: warning: {config.out}/metrics.jsonl has no record of epoch"
+                          f"{'s' if len(r['missing_epochs']) > 1 else ''} {epochs} (the file was lost or cut "
+                          "short); the run resumes exactly from its checkpoint, but those lines stay missing",
+                          file=sys.stderr, flush=True)
                 print(f"resuming from {r['path']}: epoch {r['epoch']}, step {r['epoch_step']} of the epoch "
                       f"({r['step']} in all)", flush=True)
         elif event["kind"] == "epoch_start" and not args.quiet:
