@@ -271,6 +271,45 @@ def test_a_signal_at_any_moment_is_one_clean_stop(tmp_path, signum, delays):
         json.loads((out / "config.json").read_text())
 
 
+def wait_for(path: Path, text: str, proc) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while text not in path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, path.read_text()
+        time.sleep(0.05)
+
+
+# What the process does after main returns (JAX's teardown), made long enough to signal it.
+LINGERING_EXIT = """
+import atexit, os, sys, time
+from jaxbatch.cli import main
+atexit.register(lambda: (os.write(1, b"exiting\\n"), time.sleep(60)))
+sys.argv = ["jaxbatch", "train", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def test_a_second_signal_while_the_process_exits_still_stops_it_at_once(tmp_path):
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", LINGERING_EXIT, "--quiet", "--epochs", "50",
+                                 "--out", str(tmp_path / "run")], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        try:
+            wait_for(log_path, "training mlp on digits", proc)
+            os.kill(proc.pid, signal.SIGINT)  # stops at the next chunk; main returns 130
+            wait_for(log_path, "exiting", proc)
+            os.kill(proc.pid, signal.SIGINT)
+            status = proc.wait(timeout=TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    output = log_path.read_text()
+    assert status == 130, output
+    assert "resume with:" in output and "jaxbatch: stopped at once by a second SIGINT" in output, output
+    assert "Traceback" not in output, output
+
+
 def test_two_runs_started_on_one_folder_leave_one_run(tmp_path):
     out = tmp_path / "run"
     procs = [child(["--quiet", "--epochs", "3", "--out", str(out)]) for _ in range(2)]
