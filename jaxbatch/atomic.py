@@ -32,8 +32,9 @@ def write_all_atomic(writes: dict) -> list[Path]:
             try:
                 write(tmp)
             except OSError as err:
-                if err.filename is not None and str(err.filename) == str(tmp):
-                    # name the file the user asked for, not its temporary name
+                # Name the file the user asked for, not its temporary name; a failed
+                # write() (a full disk) names no file at all.
+                if err.filename is None or str(err.filename) == str(tmp):
                     raise OSError(err.errno, err.strerror, str(path)) from err
                 raise
         for tmp, (path, _) in zip(temporary, staged):

@@ -129,8 +129,11 @@ class RunFiles:
 
     def epoch(self, record: dict) -> None:
         if self.dir is not None:
-            with open(self.metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:  # a failed write() (a full disk) names no file: name it
+                raise OSError(err.errno, err.strerror, str(self.metrics)) from err
             self.events.write(record)  # after the record itself: an events error never costs a line
 
     def checkpoint(self, position: dict, epoch_sums: dict, state) -> Path | None:

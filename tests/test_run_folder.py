@@ -173,15 +173,32 @@ def test_an_output_folder_under_proc_is_one_line(capsys):
 
 
 def test_a_full_disk_mid_run_is_one_line(tmp_path, capsys, monkeypatch):
-    from jaxbatch import runlog
+    import builtins
 
-    def full(self, record):
-        raise OSError(28, "No space left on device", str(self.dir / "metrics.jsonl"))
+    real_open = builtins.open
 
-    monkeypatch.setattr(runlog.RunFiles, "epoch", full)
+    class FullDisk:  # what a full disk does to an append: open works, write() fails naming no file
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return FullDisk(f) if str(file).endswith("metrics.jsonl") and "a" in mode else f
+
+    monkeypatch.setattr(builtins, "open", open_)
     assert main(["train", *QUICK, "--out", str(tmp_path / "run")]) == 1
     line = one_error_line(capsys)
-    assert "metrics.jsonl: No space left on device" in line
+    assert f"{tmp_path / 'run' / 'metrics.jsonl'}: No space left on device" in line
+    assert "resume with" not in line  # epoch 1's end: no checkpoint yet
 
 
 def test_atomic_cleanup_does_not_mask_the_real_error(tmp_path, monkeypatch):
@@ -335,14 +352,17 @@ def test_a_full_disk_mid_checkpoint_keeps_the_checkpoints_before(tmp_path, capsy
             return atomic.write_atomic(path, write)
 
         def partial_then_full(tmp):
-            write(tmp)  # the bytes reach the temporary file, then the disk is full
-            raise OSError(28, "No space left on device", str(tmp))
+            write(tmp)  # the bytes reach the temporary file, then the disk is full: write() names no file
+            raise OSError(28, "No space left on device")
 
         return atomic.write_atomic(path, partial_then_full)
 
     monkeypatch.setattr(checkpoint, "write_atomic", second_save_fills_the_disk)
     assert main(["train", "--quiet", "--epochs", "2", "--out", str(out)]) == 1
-    assert "No space left on device" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert f"{out / 'checkpoints' / 'ckpt-000000086.msgpack'}: No space left on device" in line, line
+    # the first checkpoint is whole: the line says how to go on from it
+    assert line.endswith(f"resume with: jaxbatch train --quiet --epochs 2 --out {out} --resume"), line
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["ckpt-000000043.msgpack"]  # the first save whole, no temporary file of the second
     monkeypatch.undo()

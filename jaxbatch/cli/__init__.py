@@ -219,7 +219,11 @@ def _run(args) -> int:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except OSError as err:  # the disk, not the input: full, read-only, gone
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"{name}: error: {where}{err.strerror or err}; nothing after the last complete "
-              "file was kept", file=sys.stderr)
+        print(disk_error_line(name, err), file=sys.stderr)
         return 1
+
+
+def disk_error_line(name: str, err: OSError, then: str = "") -> str:
+    """The one line of a write that failed (a full disk): the file, the reason, and `then` (what to do next)."""
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{name}: error: {where}{err.strerror or err}; nothing after the last complete file was kept{then}"
