@@ -46,3 +46,26 @@ def write_all_atomic(writes: dict) -> list[Path]:
             except OSError:  # the error that brought us here is the one to report
                 pass
     return [path for path, _ in staged]
+
+
+def make_folder(path) -> list[Path]:
+    """Create the folder `path` with its missing parents; returns the folders
+    made, deepest first, for `remove_made` should what was to go in them fail."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        remove_made(made)
+        raise
+    return made
+
+
+def remove_made(made: list[Path]) -> None:
+    """Undo `make_folder` after a failed start: remove each folder it made
+    that is still empty, so nothing but what the start created goes."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone: leave it
+            pass

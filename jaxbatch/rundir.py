@@ -96,7 +96,9 @@ class FolderLock:
         except ImportError:  # not POSIX: no lock
             self.file = None
             return
-        self.file = open(folder / LOCK, "a+")
+        self.path = folder / LOCK
+        self.created = not self.path.exists()  # a failed start removes it again (`release(remove=True)`)
+        self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -105,14 +107,24 @@ class FolderLock:
             self.file.close()
             raise JaxbatchError(f"another run ({holder}) is writing to {folder}; wait for it to end, or pass "
                                 "another {setting}", setting="out") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"process {os.getpid()}\n")
-        self.file.flush()
+        try:
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f"process {os.getpid()}\n")
+            self.file.flush()
+        except OSError as err:  # a full disk: no lock file left behind, and the line names it
+            self.release(remove=True)
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Drop the lock; with `remove`, also the lock file if this run created it (a start that failed)."""
         if self.file is not None:
-            self.file.close()  # closing drops the lock
+            if remove and self.created:
+                self.path.unlink(missing_ok=True)  # while still held: no other run locks the file going away
+            try:
+                self.file.close()  # closing drops the lock
+            except OSError:  # a full disk again, flushing: the lock goes all the same
+                pass
             self.file = None
 
 

@@ -25,7 +25,7 @@ from flax import serialization
 from jax.sharding import Mesh
 
 from jaxbatch import checkpoint, events
-from jaxbatch.atomic import write_atomic
+from jaxbatch.atomic import make_folder, remove_made, write_atomic
 from jaxbatch.devices import fetch
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.precision import matmul_precision
@@ -69,12 +69,12 @@ class RunFiles:
             return
         check_out(out, config.resume, config.overwrite)
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            made = make_folder(self.dir)
         except OSError as err:
             raise JaxbatchError(f"cannot create {out}: {err.strerror}; pass {{setting}} a folder you can write "
                                 "to", setting="out") from None
-        self.lock = FolderLock(self.dir)
         try:
+            self.lock = FolderLock(self.dir)
             check_out(out, config.resume, config.overwrite)  # again, now that no other run can start here
             self.metrics = self.dir / "metrics.jsonl"
             checkpoint.remove_partial(self.dir)
@@ -88,8 +88,9 @@ class RunFiles:
             self.events = events.EventLog(self.dir)
             record = {**dataclasses.asdict(config), "environment": environment}
             self._write_atomic("config.json", json.dumps(record, indent=2).encode())
-        except BaseException:
-            self.close()
+        except BaseException:  # a refused or failed start removes what it created, and nothing else
+            self.close(failed_start=True)
+            remove_made(made)
             raise
 
     def __enter__(self):
@@ -98,11 +99,11 @@ class RunFiles:
     def __exit__(self, *exc):
         self.close()
 
-    def close(self) -> None:
+    def close(self, failed_start: bool = False) -> None:
         if self.events is not None:
             self.events.close()
         if self.lock is not None:
-            self.lock.release()
+            self.lock.release(remove=failed_start)
             self.lock = None
 
     def _write_atomic(self, name: str, payload: bytes) -> None:

@@ -201,6 +201,46 @@ def test_a_full_disk_mid_run_is_one_line(tmp_path, capsys, monkeypatch):
     assert "resume with" not in line  # epoch 1's end: no checkpoint yet
 
 
+@pytest.mark.parametrize("full", ["config.json", ".lock"])
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_start_refused_for_a_full_disk_leaves_nothing_it_created(tmp_path, capsys, monkeypatch, full, existing):
+    from jaxbatch import atomic, rundir
+
+    out = tmp_path / "new" / "run"
+    if existing:  # a folder of the user's, with a file of theirs
+        out.mkdir(parents=True)
+        (out / "notes.txt").write_text("mine")
+    if full == "config.json":
+        real = atomic.write_all_atomic
+
+        def full_disk(writes):
+            def write_none(tmp):
+                raise OSError(28, "No space left on device")
+            return real({path: write_none for path in writes})
+
+        monkeypatch.setattr(atomic, "write_all_atomic", full_disk)
+    else:
+        real_open = open
+
+        class FullDisk:
+            def __init__(self, f):
+                self.f = f
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def write(self, text):
+                raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(rundir, "open", lambda *a, **kw: FullDisk(real_open(*a, **kw)), raising=False)
+    assert main(["train", *QUICK, "--out", str(out)]) == 1
+    assert f"{out / full}: No space left on device" in one_error_line(capsys)
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    else:
+        assert not (tmp_path / "new").exists()
+
+
 def test_atomic_cleanup_does_not_mask_the_real_error(tmp_path, monkeypatch):
     from jaxbatch.atomic import write_atomic
 
