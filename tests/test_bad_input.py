@@ -81,10 +81,11 @@ def test_a_full_disk_when_results_are_written_is_one_line(tmp_path, capsys, monk
     def full(tmp):
         raise OSError(28, "No space left on device", str(tmp))
 
+    import jaxbatch.bench.report as bench_report
     import jaxbatch.experiments.report as experiment_report
 
     real = atomic.write_all_atomic
-    for module in (atomic, experiment_report):  # the experiments' report holds its own name for it
+    for module in (atomic, experiment_report, bench_report):  # the reports hold their own names for it
         monkeypatch.setattr(module, "write_all_atomic", lambda writes: real({path: full for path in writes}))
     status, err = status_and_error(capsys, *command, "--out", str(tmp_path / "out"))
     assert status == 1 and len(err) == 1, err
