@@ -32,8 +32,9 @@ def write_all_atomic(writes: dict) -> list[Path]:
             try:
                 write(tmp)
             except OSError as err:
-                if err.filename is not None and str(err.filename) == str(tmp):
-                    # name the file the user asked for, not its temporary name
+                # Name the file the user asked for, not its temporary name; a failed
+                # write() (a full disk) names no file at all.
+                if err.filename is None or str(err.filename) == str(tmp):
                     raise OSError(err.errno, err.strerror, str(path)) from err
                 raise
         for tmp, (path, _) in zip(temporary, staged):
@@ -45,3 +46,26 @@ def write_all_atomic(writes: dict) -> list[Path]:
             except OSError:  # the error that brought us here is the one to report
                 pass
     return [path for path, _ in staged]
+
+
+def make_folder(path) -> list[Path]:
+    """Create the folder `path` with its missing parents; returns the folders
+    made, deepest first, for `remove_made` should what was to go in them fail."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        remove_made(made)
+        raise
+    return made
+
+
+def remove_made(made: list[Path]) -> None:
+    """Undo `make_folder` after a failed start: remove each folder it made
+    that is still empty, so nothing but what the start created goes."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone: leave it
+            pass

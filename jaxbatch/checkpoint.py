@@ -24,6 +24,7 @@ dependencies to every install for no gain here.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +33,7 @@ from flax import serialization, traverse_util
 
 from jaxbatch.atomic import write_atomic
 from jaxbatch.errors import JaxbatchError
+from jaxbatch.rundir import run_files_in
 
 FORMAT = 1
 # Settings that do not change a run's numbers, so a resume may change them.
@@ -58,16 +60,24 @@ def paths(out) -> list[Path]:
     return sorted(p for p in where.glob("ckpt-*.msgpack") if p.is_file()) if where.is_dir() else []
 
 
-def save(out, position: dict, epoch_sums: dict, config, state, keep: int) -> Path:
-    """Write one checkpoint of `state` (a host copy) and drop all but the newest `keep`."""
+def save(out, position: dict, epoch_sums: dict, config, state, keep: int, good: Callable[[Path], bool]) -> Path:
+    """Write one checkpoint of `state` (a host copy) and drop all but the
+    newest `keep` good ones. `good(path)` says whether another checkpoint
+    passes the resume's checks (`passes`); one that does not is never
+    counted as kept, and is left where it is: it is the user's to look at,
+    and every resume names it as skipped."""
     where = folder(out)
     where.mkdir(parents=True, exist_ok=True)
     payload = serialization.msgpack_serialize({
         "format": FORMAT, "position": position, "epoch_sums": epoch_sums,
         "settings": settings(config), "state": serialization.to_state_dict(state)})
     path = write_atomic(where / f"ckpt-{position['step']:09d}.msgpack", lambda tmp: tmp.write_bytes(payload))
-    for old in paths(out)[:-keep]:
-        old.unlink(missing_ok=True)
+    kept = 0
+    for old in reversed(paths(out)):
+        if old == path or good(old):
+            kept += 1
+            if kept > keep:
+                old.unlink(missing_ok=True)
     return path
 
 
@@ -95,16 +105,17 @@ def latest(out, config, check: Callable[[dict], None] | None = None) -> dict:
     it under "skipped" as (file name, why). A checkpoint made with other
     settings is refused outright: that is the user's choice to make."""
     found = paths(out)
+    if not found and run_files_in(out):  # a run stopped before its first checkpoint: a new run needs --overwrite
+        raise JaxbatchError(f"the run in {out} saved no checkpoint ({', '.join(run_files_in(out))}, nothing in "
+                            f"{folder(out)}), so there is nothing to resume; start it again with --overwrite "
+                            "in place of --resume")
     if not found:
         raise JaxbatchError(f"no checkpoint in {folder(out)} to resume from; run without --resume to start "
-                            "a new run there, or pass --overwrite")
+                            "a new run there")
     skipped = []
     for path in reversed(found):
         try:
-            ckpt = read(path)
-            check_settings(ckpt["settings"], settings(config), path)
-            if check is not None:
-                check(ckpt)
+            ckpt = checked(path, config, check)
         except ValueError as err:
             skipped.append((path.name, str(err)))
             continue
@@ -112,6 +123,25 @@ def latest(out, config, check: Callable[[dict], None] | None = None) -> dict:
         return ckpt
     raise JaxbatchError(f"no usable checkpoint in {folder(out)} ({'; '.join(f'{n}: {why}' for n, why in skipped)}); "
                         "start again with --overwrite, or in another --out")
+
+
+def checked(path: Path, config, check: Callable[[dict], None] | None = None) -> dict:
+    """The checkpoint at `path`, read and checked as `latest` checks it:
+    ValueError for damage, JaxbatchError for another run's settings."""
+    ckpt = read(path)
+    check_settings(ckpt["settings"], settings(config), path)
+    if check is not None:
+        check(ckpt)
+    return ckpt
+
+
+def passes(path: Path, config, check: Callable[[dict], None] | None = None) -> bool:
+    """Whether this run could resume from the checkpoint at `path`."""
+    try:
+        checked(path, config, check)
+    except (ValueError, JaxbatchError):
+        return False
+    return True
 
 
 def read(path: Path) -> dict:
@@ -136,17 +166,18 @@ def read(path: Path) -> dict:
     sums = ckpt["epoch_sums"]
     for key in ("loss_sum", "correct", "seen"):
         if not _is_number(sums.get(key)):
-            raise ValueError(f"its epoch sums' {key!r} is {sums.get(key)!r}, not a number")
+            raise ValueError(f"its epoch sums' {key!r} is {sums.get(key)!r}, not a finite number")
     if sums.get("last_finite") is not None and not _is_number(sums["last_finite"]):
-        raise ValueError("its epoch sums' 'last_finite' is not a number")
+        raise ValueError("its epoch sums' 'last_finite' is not a finite number")
     extra = sums.get("extra", {})
     if not isinstance(extra, dict) or not all(_is_number(v) for v in extra.values()):
-        raise ValueError("its epoch sums' 'extra' is not a mapping of numbers")
+        raise ValueError("its epoch sums' 'extra' is not a mapping of finite numbers")
     return ckpt
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: sums that went NaN or inf are damage, as in the state."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_position(position: dict, steps_per_epoch: int, total_steps: int, epochs: int) -> None:
@@ -162,13 +193,21 @@ def check_position(position: dict, steps_per_epoch: int, total_steps: int, epoch
                          f"point of this run ({total_steps} steps, {steps_per_epoch} per epoch)")
 
 
+# What a checkpoint of another run differs in first: a mismatch names these
+# before the rest (a checkpoint of another model differs in many settings).
+FIRST_NAMED = ("model", "dataset")
+
+
 def check_settings(saved: dict, wanted: dict, path: Path) -> None:
-    for key in sorted(set(saved) | set(wanted)):
-        if saved.get(key) != wanted.get(key):
-            raise JaxbatchError(
-                f"cannot resume: {path.name} was made with {key} {saved.get(key)!r} and this run has "
-                f"{wanted.get(key)!r}; resume with the checkpoint's {{setting}}, or start a new run in "
-                "another --out", setting=key)
+    keys = dict.fromkeys([*FIRST_NAMED, *sorted(set(saved) | set(wanted))])
+    differ = [key for key in keys if saved.get(key) != wanted.get(key)]
+    if differ:
+        key, others = differ[0], differ[1:]
+        also = f" ({', '.join(others)} {'differs' if len(others) == 1 else 'differ'} too)" if others else ""
+        raise JaxbatchError(
+            f"cannot resume: {path.name} was made with {key} {saved.get(key)!r} and this run has "
+            f"{wanted.get(key)!r}{also}; resume with the checkpoint's {{setting}}, or start a new run in "
+            "another --out", setting=key)
 
 
 def restore(ckpt: dict, target):
@@ -189,6 +228,10 @@ def restore(ckpt: dict, target):
         if not isinstance(got, (np.ndarray, np.generic, int, float)) or np.shape(got) != np.shape(want) \
                 or np.asarray(got).dtype != np.asarray(want).dtype:
             raise ValueError(f"its state entry {key} is {_describe(got)}, this run's is {_describe(want)}")
+        # A run saves no checkpoint past a divergence (train: the chunk is
+        # checked first), so a NaN or inf here is damage, not the run's state.
+        if not np.all(np.isfinite(got)):
+            raise ValueError(f"its state entry {key} holds NaN or inf")
     return serialization.from_state_dict(target, ckpt["state"])
 
 

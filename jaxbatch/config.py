@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxbatch import data as data_lib
-from jaxbatch import optim, privacy, rundir
+from jaxbatch import optim, privacy
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.models import MODELS
 from jaxbatch.settings import check, setting
@@ -119,7 +119,6 @@ def validate(config: TrainConfig) -> None:
     check(config)
     if config.checkpoint_every and not config.out:
         raise JaxbatchError("checkpoints live in the output folder: pass {setting} DIR", setting="out")
-    rundir.check_out(config.out, config.resume, config.overwrite)
     privacy.check_settings(config.dp_clip, config.dp_noise, config.dp_delta, config.dp_epsilon)
     if config.dp_clip is not None:
         if config.loss == "batched":

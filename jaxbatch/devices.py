@@ -132,6 +132,9 @@ def join_cluster(coordinator: str | None = None, num_processes: int | None = Non
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
         raise JaxbatchError(f"--coordinator {coordinator!r} is not HOST:PORT, e.g. 10.0.0.1:1234")
+    if not 1 <= int(port) <= 65535:  # checked before connecting: a socket reports it as some other failure
+        raise JaxbatchError(f"--coordinator {coordinator!r}: port {int(port)} is out of range; pass a port "
+                            "from 1 to 65535, e.g. 10.0.0.1:1234")
     if not 0 <= process_id < num_processes:
         raise JaxbatchError(f"--process-id {process_id} is outside 0 .. {num_processes - 1}")
     deadline = time.monotonic() + timeout
@@ -192,28 +195,19 @@ def check_in(host: str, port: int, num_processes: int, process_id: int, deadline
 
 
 def _check_in_peer(host: str, port: int, num_processes: int, deadline: float, timeout: int) -> None:
-    """A peer's half of check_in: connect (process 0 may not listen yet),
-    send the count, wait for the go-ahead with process 0's count."""
-    coordinator = f"{host}:{port}"
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=2) as connection:
-                connection.sendall(f"{num_processes}\n".encode())
-                connection.settimeout(max(1.0, deadline - time.monotonic()))
-                reply = connection.recv(32).decode().split()
-            if len(reply) == 2 and reply[0] == "go" and reply[1].isdigit():
-                break
+    """A peer's half of check_in: send the count, wait for the go-ahead with process 0's count."""
+    def report(connection):
+        connection.sendall(f"{num_processes}\n".encode())
+        connection.settimeout(max(1.0, deadline - time.monotonic()))
+        reply = connection.recv(32).decode().split()
+        if len(reply) != 2 or reply[0] != "go" or not reply[1].isdigit():
             raise ConnectionError("process 0 did not answer")
-        except OSError as err:
-            if time.monotonic() >= deadline:
-                raise JaxbatchError(f"no coordinator answered at {coordinator} within {timeout} s "
-                                    f"({err.strerror or err}); "
-                                    "start process 0 first, with the same --coordinator, or check the "
-                                    "address") from None
-            time.sleep(0.5)
-    if int(reply[1]) != num_processes:
+        return int(reply[1])
+
+    count = until_answered(host, port, deadline, timeout, report)
+    if count != num_processes:
         raise JaxbatchError(f"this process was started with --num-processes {num_processes}, but the "
-                            f"coordinator at {coordinator} runs {reply[1]}; pass the same --num-processes to "
+                            f"coordinator at {host}:{port} runs {count}; pass the same --num-processes to "
                             "every process")
 
 
@@ -221,16 +215,24 @@ def wait_for_coordinator(host: str, port: int, timeout: int) -> None:
     """Wait until process 0's coordinator accepts connections. XLA's client,
     when it cannot register in time, ends the process from C++ (SIGABRT and a
     stack trace), so an address nobody answers at is caught here first."""
-    deadline = time.monotonic() + timeout
+    until_answered(host, port, time.monotonic() + timeout, timeout)
+
+
+def until_answered(host: str, port: int, deadline: float, timeout: int, exchange=None):
+    """Connect to process 0 at host:port and return `exchange(connection)`
+    (None without one), trying again every 0.5 s until `deadline`: process 0
+    may not listen yet, or may be between check_in and JAX's coordinator. A
+    refused connection, or an exchange raising OSError, counts as no answer;
+    at the deadline, one line."""
     while True:
         try:
-            with socket.create_connection((host, port), timeout=2):
-                return
+            with socket.create_connection((host, port), timeout=2) as connection:
+                return exchange(connection) if exchange else None
         except OSError as err:
             if time.monotonic() >= deadline:
                 raise JaxbatchError(f"no coordinator answered at {host}:{port} within {timeout} s "
                                     f"({err.strerror or err}); start process 0 first, with the same "
-                                    "--coordinator, or check the address")
+                                    "--coordinator, or check the address") from None
             time.sleep(0.5)
 
 

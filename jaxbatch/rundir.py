@@ -7,7 +7,8 @@ A run's folder is its record, so nothing replaces it without being asked:
   README's commands one after another leaves every run to compare;
 - a folder given with --out that already holds a run is refused unless the
   run is continued (--resume) or replaced (--overwrite) (`check_out`, asked
-  before any data is loaded and again once the folder is locked);
+  once every setting has passed its checks, so a bad flag is reported
+  first, and again once the folder is locked);
 - one run at a time writes to a folder (`FolderLock`).
 
 Plain Python, no JAX: the command line checks a folder before importing it.
@@ -95,7 +96,9 @@ class FolderLock:
         except ImportError:  # not POSIX: no lock
             self.file = None
             return
-        self.file = open(folder / LOCK, "a+")
+        self.path = folder / LOCK
+        self.created = not self.path.exists()  # a failed start removes it again (`release(remove=True)`)
+        self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -104,14 +107,24 @@ class FolderLock:
             self.file.close()
             raise JaxbatchError(f"another run ({holder}) is writing to {folder}; wait for it to end, or pass "
                                 "another {setting}", setting="out") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"process {os.getpid()}\n")
-        self.file.flush()
+        try:
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f"process {os.getpid()}\n")
+            self.file.flush()
+        except OSError as err:  # a full disk: no lock file left behind, and the line names it
+            self.release(remove=True)
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Drop the lock; with `remove`, also the lock file if this run created it (a start that failed)."""
         if self.file is not None:
-            self.file.close()  # closing drops the lock
+            if remove and self.created:
+                self.path.unlink(missing_ok=True)  # while still held: no other run locks the file going away
+            try:
+                self.file.close()  # closing drops the lock
+            except OSError:  # a full disk again, flushing: the lock goes all the same
+                pass
             self.file = None
 
 

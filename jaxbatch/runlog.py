@@ -25,7 +25,7 @@ from flax import serialization
 from jax.sharding import Mesh
 
 from jaxbatch import checkpoint, events
-from jaxbatch.atomic import write_atomic
+from jaxbatch.atomic import make_folder, remove_made, write_atomic
 from jaxbatch.devices import fetch
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.precision import matmul_precision
@@ -58,22 +58,26 @@ class RunFiles:
     process 0 writes. A new run refuses a folder holding another run's files
     (`check_out`); with config.overwrite it removes them first."""
 
-    def __init__(self, out: str | None, config, environment: dict):
+    def __init__(self, out: str | None, config, environment: dict, check=None):
         self.out = Path(out) if out else None
         self.dir = self.out if jax.process_index() == 0 else None
         self.config = config
+        # Which checkpoints pass the run's checks (checkpoint.passes with
+        # `check`), by file name: rotation counts only those. Each file is read
+        # once; the run's own are good as written.
+        self.check, self.good = check, {}
         self.lock = None
         self.events = None
         if self.dir is None:
             return
         check_out(out, config.resume, config.overwrite)
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            made = make_folder(self.dir)
         except OSError as err:
             raise JaxbatchError(f"cannot create {out}: {err.strerror}; pass {{setting}} a folder you can write "
                                 "to", setting="out") from None
-        self.lock = FolderLock(self.dir)
         try:
+            self.lock = FolderLock(self.dir)
             check_out(out, config.resume, config.overwrite)  # again, now that no other run can start here
             self.metrics = self.dir / "metrics.jsonl"
             checkpoint.remove_partial(self.dir)
@@ -88,8 +92,9 @@ class RunFiles:
             self.events = events.EventLog(self.dir)
             record = {**dataclasses.asdict(config), "environment": environment}
             self._write_atomic("config.json", json.dumps(record, indent=2).encode())
-        except BaseException:
-            self.close()
+        except BaseException:  # a refused or failed start removes what it created, and nothing else
+            self.close(failed_start=True)
+            remove_made(made)
             raise
 
     def __enter__(self):
@@ -98,11 +103,11 @@ class RunFiles:
     def __exit__(self, *exc):
         self.close()
 
-    def close(self) -> None:
+    def close(self, failed_start: bool = False) -> None:
         if self.events is not None:
             self.events.close()
         if self.lock is not None:
-            self.lock.release()
+            self.lock.release(remove=failed_start)
             self.lock = None
 
     def _write_atomic(self, name: str, payload: bytes) -> None:
@@ -152,15 +157,26 @@ class RunFiles:
 
     def epoch(self, record: dict) -> None:
         if self.dir is not None:
-            with open(self.metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:  # a failed write() (a full disk) names no file: name it
+                raise OSError(err.errno, err.strerror, str(self.metrics)) from err
             self.events.write(record)  # after the record itself: an events error never costs a line
 
     def checkpoint(self, position: dict, epoch_sums: dict, state) -> Path | None:
         host_state = fetch(state)  # every process waits here; process 0 writes
         if self.dir is None:
             return None
-        return checkpoint.save(self.dir, position, epoch_sums, self.config, host_state, self.config.keep)
+        path = checkpoint.save(self.dir, position, epoch_sums, self.config, host_state, self.config.keep,
+                               self._good)
+        self.good[path.name] = True
+        return path
+
+    def _good(self, path: Path) -> bool:
+        if path.name not in self.good:
+            self.good[path.name] = checkpoint.passes(path, self.config, self.check)
+        return self.good[path.name]
 
     def params(self, params) -> None:
         if self.dir is not None:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbatch import backends, checkpoint, devices, optim, privacy, runlog
+from jaxbatch import backends, checkpoint, devices, optim, privacy, rundir, runlog
 from jaxbatch import target as target_lib
 from jaxbatch import data as data_lib
 from jaxbatch.config import TrainConfig, is_private, poisson, validate  # noqa: F401  (the run's settings live there)
@@ -333,12 +333,17 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     numbers = step_numbers(config, train_ds, optimizer_numbers)
     state = (params, optim.chain(optimizer, numbers).init(params))
     position = {"step": 0, "epoch": 1, "epoch_step": 0, "epochs_done": 0}
+    # Every setting is checked by now; the folder last, so a bad flag is not
+    # met only after the folder's refusal has been dealt with.
+    rundir.check_out(config.out, config.resume, config.overwrite)
     ckpt = None
-    if config.resume:  # the newest checkpoint whose position and state fit this run
-        def usable(c):
-            checkpoint.check_position(c["position"], steps_per_epoch, total_steps, config.epochs)
-            c["state"] = checkpoint.restore(c, state)
+    fresh = state  # the structure a checkpoint's state must have (`state` moves on as the run goes)
 
+    def usable(c):  # a checkpoint's position and state fit this run (to resume from it, to count it as kept)
+        checkpoint.check_position(c["position"], steps_per_epoch, total_steps, config.epochs)
+        c["state"] = checkpoint.restore(c, fresh)
+
+    if config.resume:  # the newest checkpoint that fits
         ckpt = checkpoint.latest(config.out, config, usable)
         state, position = ckpt["state"], ckpt["position"]
     # Everything but the batches is replicated: parameters, optimiser state,
@@ -360,18 +365,21 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     reason = stop_requested()
     if reason:  # before the first file: the folder stays as it was
         raise Interrupted(reason, position["epoch"], position["epoch_step"], None, started=False)
-    files = closing.enter_context(runlog.RunFiles(config.out, config, env))  # the folder, locked until the end
+    files = closing.enter_context(runlog.RunFiles(config.out, config, env, usable))  # the folder, locked to the end
+    history = files.history(position["epochs_done"]) if ckpt is not None else []
+    logged = {record["epoch"] for record in history}
     notify({"kind": "start", "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "dp_noise": config.dp_noise, "dp_noise_calibrated": calibrated, "slots": slots,
             "final_epsilon_rdp": None if final_epsilon is None else privacy.epsilon(
                 q, config.dp_noise, total_steps, config.dp_delta, "rdp"),
             "train_size": n, "test_size": len(test_ds), "out": config.out, "devices": env["devices"],
             "device_kind": env["device_kind"], "processes": env["processes"],
-            "resumed_from": None if ckpt is None else {**position, "path": str(ckpt["path"]),
-                                                       "skipped": ckpt["skipped"]},
+            "resumed_from": None if ckpt is None else {
+                **position, "path": str(ckpt["path"]), "skipped": ckpt["skipped"],
+                # epochs done that metrics.jsonl lost: the run goes on exactly, their lines do not come back
+                "missing_epochs": [e for e in range(1, position["epochs_done"] + 1) if e not in logged]},
             "final_epsilon": final_epsilon})
     progress = runlog.Progress(config, notify)
-    history = files.history(position["epochs_done"]) if ckpt is not None else []
     evals = files.evaluations(position["step"]) if ckpt is not None else []
     saved = ckpt["epoch_sums"] if ckpt is not None else {}
     clock = closing.enter_context(target_lib.TrainClock(_number(saved.get("train_time_s"))))

@@ -33,6 +33,10 @@ def status_and_error(capsys, *argv) -> tuple[int, list[str]]:
     (["bench", "--quick", "--models", "mlp", "--out", "{file}"], "is a file, not a folder; pass --out a folder"),
     (["experiment", "equality", "--quick", "--out", "{file}/x"], "sits under"),
     (["experiment", "equality", "--models", ","], "--models: must list at least one model"),
+    # an empty --out is refused everywhere, not read as "the default folder"
+    (["experiment", "equality", "--quick", "--out", ""], "--out is empty; name a folder"),
+    (["bench", "--quick", "--models", "mlp", "--out", ""], "--out is empty; name a folder"),
+    (["plot", "{file}", "--out", ""], "--out is empty; name a .png file"),
 ])
 def test_refused_before_any_work_with_one_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -77,12 +81,13 @@ def test_a_full_disk_when_results_are_written_is_one_line(tmp_path, capsys, monk
     def full(tmp):
         raise OSError(28, "No space left on device", str(tmp))
 
+    import jaxbatch.bench.report as bench_report
     import jaxbatch.experiments.report as experiment_report
 
     real = atomic.write_all_atomic
-    for module in (atomic, experiment_report):  # the experiments' report holds its own name for it
+    for module in (atomic, experiment_report, bench_report):  # the reports hold their own names for it
         monkeypatch.setattr(module, "write_all_atomic", lambda writes: real({path: full for path in writes}))
     status, err = status_and_error(capsys, *command, "--out", str(tmp_path / "out"))
     assert status == 1 and len(err) == 1, err
     assert f"{tmp_path / 'out' / name}: No space left on device" in err[0], err
-    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing half-written
+    assert not (tmp_path / "out").exists()  # nothing half-written, and not the folder made for it

@@ -84,10 +84,13 @@ def test_checkpoint_holds_the_position_sums_settings_and_state(tmp_path):
 def test_a_resume_with_other_settings_is_refused_naming_the_difference(tmp_path):
     train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path)))
     for change, setting in ((dict(batch_size=16), "batch_size"), (dict(model="mlp_scratch"), "model"),
-                            (dict(seed=1), "seed")):
+                            (dict(seed=1), "seed"),
+                            # another model's run differs in more: the model is named first, the rest after
+                            (dict(model="mlp_scratch", max_steps=40, lr=0.1), "model")):
         with pytest.raises(JaxbatchError, match=f"made with {setting} ") as err:
             train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path), resume=True, **change))
         assert err.value.setting == setting
+    assert "(lr, max_steps differ too)" in str(err.value)
     # Settings that do not change the numbers may change.
     train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path), resume=True, keep=1, steps_per_chunk=5))
 

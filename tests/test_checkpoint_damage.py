@@ -4,6 +4,7 @@ is found before anything is written, the run resumes from the one before
 checkpoint left, one line and nothing altered."""
 
 import hashlib
+import json
 import os
 import shutil
 
@@ -68,6 +69,19 @@ def another_model(c):
     c["state"]["0"] = serialization.to_state_dict(params)
 
 
+def poisoned(part, value):
+    """A damage: one number of the state's `part` ("0" parameters, "1" optimiser state) set to `value`."""
+    def damage(c):
+        path = first_leaf(c["state"][part])
+        leaf = c["state"][part]
+        for key in path:
+            leaf = leaf[key]
+        leaf = leaf.copy()
+        leaf.flat[0] = value
+        set_at(c["state"][part], path, leaf)
+    return damage
+
+
 DAMAGES = {
     "wrong shape": reshaped,
     "wrong dtype": retyped,
@@ -80,6 +94,10 @@ DAMAGES = {
     "position past the end": lambda c: c["position"].update(step=10**6),
     "inconsistent position": lambda c: c["position"].update(epoch_step=5),
     "sums not numbers": lambda c: c["epoch_sums"].update(seen="many"),
+    # A run never saves past a divergence, so non-finite numbers are damage too.
+    "NaN in the parameters": poisoned("0", np.nan),
+    "inf in the optimiser state": poisoned("1", np.inf),
+    "NaN in the sums": lambda c: c["epoch_sums"].update(loss_sum=float("nan")),
 }
 
 
@@ -125,6 +143,29 @@ def test_no_usable_checkpoint_is_one_line_and_nothing_altered(finished, tmp_path
     assert files(out) == before
 
 
+def test_rotation_keeps_the_newest_good_checkpoints_and_leaves_damaged_ones(finished, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    ckpts = out / "checkpoints"
+    (ckpts / "ckpt-000000086.msgpack").unlink()  # resume from the end of epoch 1
+    newer = ckpts / "ckpt-999999999.msgpack"  # reads whole, named past every other, holds a NaN
+    c = serialization.msgpack_restore((ckpts / "ckpt-000000043.msgpack").read_bytes())
+    DAMAGES["NaN in the parameters"](c)
+    newer.write_bytes(serialization.msgpack_serialize(c))
+    older = ckpts / "ckpt-000000001.msgpack"
+    older.write_bytes(b"torn")
+    damaged = {p.name: p.read_bytes() for p in (newer, older)}
+    assert main(["train", *FLAGS, "--out", str(out), "--resume", "--keep", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped checkpoint ckpt-999999999.msgpack" in err
+    assert "metrics.jsonl" not in err  # every epoch the checkpoint has done is logged: nothing to say of it
+    # the one good checkpoint kept is the run's newest; the damaged files are left as they were
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt-000000001.msgpack", "ckpt-000000086.msgpack",
+                                                       "ckpt-999999999.msgpack"]
+    assert {name: (ckpts / name).read_bytes() for name in damaged} == damaged
+    assert (out / "params.msgpack").read_bytes() == (finished / "params.msgpack").read_bytes()
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_a_fifo_named_like_a_checkpoint_is_not_read(finished, tmp_path, capsys):
     out = tmp_path / "run"
@@ -145,3 +186,22 @@ def test_torn_and_garbage_metrics_lines_are_dropped_on_resume(finished, tmp_path
     original = (finished / "metrics.jsonl").read_text().splitlines()
     resumed = (out / "metrics.jsonl").read_text().splitlines()
     assert len(resumed) == 2 and resumed[0] == original[0]
+
+
+@pytest.mark.parametrize("loss", ["missing", "truncated"])
+def test_a_resume_says_which_epochs_metrics_lost(finished, tmp_path, capsys, loss):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    os.remove(sorted((out / "checkpoints").glob("ckpt-*.msgpack"))[-1])  # resume from the end of epoch 1
+    if loss == "missing":
+        os.remove(out / "metrics.jsonl")
+    else:
+        (out / "metrics.jsonl").write_bytes((out / "metrics.jsonl").read_bytes()[:40])
+    capsys.readouterr()
+    assert main(["train", *FLAGS, "--out", str(out), "--resume"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "metrics.jsonl" in line]
+    assert len(err) == 1 and "has no record of epoch 1 (" in err[0], err
+    # the checkpoint still resumes exactly: epoch 2's line is the uninterrupted run's
+    assert (out / "params.msgpack").read_bytes() == (finished / "params.msgpack").read_bytes()
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2]
+

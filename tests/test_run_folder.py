@@ -63,6 +63,24 @@ def test_no_run_to_resume_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("left", [None, "config.json", "checkpoints"])
+def test_a_resume_with_nothing_to_resume_gives_advice_that_works(tmp_path, capsys, left):
+    out = tmp_path / "run"
+    if left:  # what a run killed before its first checkpoint leaves
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"epochs": 1}))
+        if left == "checkpoints":
+            (out / "checkpoints").mkdir()
+    capsys.readouterr()
+    assert train(*QUICK, "--out", str(out), "--resume") == 2
+    line = one_error_line(capsys)
+    advice = {"run without --resume": [], "with --overwrite in place of --resume": ["--overwrite"]}
+    taken = [flags for words, flags in advice.items() if words in line]
+    assert len(taken) == 1, line
+    assert train(*QUICK, "--out", str(out), *taken[0]) == 0, capsys.readouterr().err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 # A flag rejected anywhere before training (seeds out of range, a chunked clip on
 # two devices is the subprocess test below) leaves the earlier run as it was,
 # with or without --overwrite.
@@ -78,6 +96,29 @@ def test_no_run_to_resume_is_one_line(tmp_path, monkeypatch, capsys):
     (["--resume", "--batch-size", "16"], "made with batch_size 32 and this run has 16"),
 ])
 def test_a_refused_run_leaves_the_folder_as_it_was(done_run, capsys, flags, message):
+    out, before = done_run
+    capsys.readouterr()
+    assert train(*QUICK, "--out", str(out), *flags) == 2
+    assert message in one_error_line(capsys)
+    assert snapshot(out) == before
+
+
+# Every setting is checked before the folder: a bad flag aimed at a folder that
+# holds a run is reported for itself, not after the folder's refusal is dealt with.
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "5000"], "larger than the 1347 training examples"),
+    (["--model", "lenet5"], "lenet5 takes 32x32 images"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--schedule", "warmup"], "needs --warmup-steps of 1 or more"),
+    (["--schedule", "warmup", "--warmup-steps", "1000000"], "is as long as the run (43 steps) or longer"),
+    (["--nesterov", "--optimizer", "adam"], "--nesterov needs optimizer sgd"),
+    (["--dp-clip", "0"], "--dp-clip is the largest norm a per-example gradient keeps"),
+    (["--dp-noise", "1"], "pass --dp-clip C too"),
+    (["--dp-clip", "1", "--dp-noise", "1", "--dp-delta", "2"], "--dp-delta must be between 0 and 1"),
+    (["--dp-clip", "1", "--dp-noise", "0.5", "--dp-epsilon", "1"], "above the budget 1; raise --dp-noise"),
+    (["--dp-clip", "1", "--loss", "batched"], "clipping needs every example's own gradient"),
+])
+def test_a_bad_flag_is_reported_before_the_folder(done_run, capsys, flags, message):
     out, before = done_run
     capsys.readouterr()
     assert train(*QUICK, "--out", str(out), *flags) == 2
@@ -132,15 +173,72 @@ def test_an_output_folder_under_proc_is_one_line(capsys):
 
 
 def test_a_full_disk_mid_run_is_one_line(tmp_path, capsys, monkeypatch):
-    from jaxbatch import runlog
+    import builtins
 
-    def full(self, record):
-        raise OSError(28, "No space left on device", str(self.dir / "metrics.jsonl"))
+    real_open = builtins.open
 
-    monkeypatch.setattr(runlog.RunFiles, "epoch", full)
+    class FullDisk:  # what a full disk does to an append: open works, write() fails naming no file
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return FullDisk(f) if str(file).endswith("metrics.jsonl") and "a" in mode else f
+
+    monkeypatch.setattr(builtins, "open", open_)
     assert main(["train", *QUICK, "--out", str(tmp_path / "run")]) == 1
     line = one_error_line(capsys)
-    assert "metrics.jsonl: No space left on device" in line
+    assert f"{tmp_path / 'run' / 'metrics.jsonl'}: No space left on device" in line
+    assert "resume with" not in line  # epoch 1's end: no checkpoint yet
+
+
+@pytest.mark.parametrize("full", ["config.json", ".lock"])
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_start_refused_for_a_full_disk_leaves_nothing_it_created(tmp_path, capsys, monkeypatch, full, existing):
+    from jaxbatch import atomic, rundir
+
+    out = tmp_path / "new" / "run"
+    if existing:  # a folder of the user's, with a file of theirs
+        out.mkdir(parents=True)
+        (out / "notes.txt").write_text("mine")
+    if full == "config.json":
+        real = atomic.write_all_atomic
+
+        def full_disk(writes):
+            def write_none(tmp):
+                raise OSError(28, "No space left on device")
+            return real({path: write_none for path in writes})
+
+        monkeypatch.setattr(atomic, "write_all_atomic", full_disk)
+    else:
+        real_open = open
+
+        class FullDisk:
+            def __init__(self, f):
+                self.f = f
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def write(self, text):
+                raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(rundir, "open", lambda *a, **kw: FullDisk(real_open(*a, **kw)), raising=False)
+    assert main(["train", *QUICK, "--out", str(out)]) == 1
+    assert f"{out / full}: No space left on device" in one_error_line(capsys)
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    else:
+        assert not (tmp_path / "new").exists()
 
 
 def test_atomic_cleanup_does_not_mask_the_real_error(tmp_path, monkeypatch):
@@ -193,7 +291,8 @@ def finish(proc) -> tuple[int, str]:
 
 def test_a_chunked_clip_on_two_devices_is_refused_before_touching_the_run(done_run):
     out, before = done_run
-    status, output = finish(child([*QUICK, "--out", str(out), "--overwrite", "--dp-clip", "1", "--dp-chunk", "4"],
+    # no --overwrite: the flag is refused before the folder holding a run is
+    status, output = finish(child([*QUICK, "--out", str(out), "--dp-clip", "1", "--dp-chunk", "4"],
                                   env={"JAX_NUM_CPU_DEVICES": "2"}))
     assert status == 2, output
     assert "--dp-chunk" in output and len(output.strip().splitlines()) == 1, output
@@ -229,6 +328,45 @@ def test_a_signal_at_any_moment_is_one_clean_stop(tmp_path, signum, delays):
         json.loads((out / "config.json").read_text())
 
 
+def wait_for(path: Path, text: str, proc) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while text not in path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, path.read_text()
+        time.sleep(0.05)
+
+
+# What the process does after main returns (JAX's teardown), made long enough to signal it.
+LINGERING_EXIT = """
+import atexit, os, sys, time
+from jaxbatch.cli import main
+atexit.register(lambda: (os.write(1, b"exiting\\n"), time.sleep(60)))
+sys.argv = ["jaxbatch", "train", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def test_a_second_signal_while_the_process_exits_still_stops_it_at_once(tmp_path):
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", LINGERING_EXIT, "--quiet", "--epochs", "50",
+                                 "--out", str(tmp_path / "run")], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        try:
+            wait_for(log_path, "training mlp on digits", proc)
+            os.kill(proc.pid, signal.SIGINT)  # stops at the next chunk; main returns 130
+            wait_for(log_path, "exiting", proc)
+            os.kill(proc.pid, signal.SIGINT)
+            status = proc.wait(timeout=TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    output = log_path.read_text()
+    assert status == 130, output
+    assert "resume with:" in output and "jaxbatch: stopped at once by a second SIGINT" in output, output
+    assert "Traceback" not in output, output
+
+
 def test_two_runs_started_on_one_folder_leave_one_run(tmp_path):
     out = tmp_path / "run"
     procs = [child(["--quiet", "--epochs", "3", "--out", str(out)]) for _ in range(2)]
@@ -254,14 +392,17 @@ def test_a_full_disk_mid_checkpoint_keeps_the_checkpoints_before(tmp_path, capsy
             return atomic.write_atomic(path, write)
 
         def partial_then_full(tmp):
-            write(tmp)  # the bytes reach the temporary file, then the disk is full
-            raise OSError(28, "No space left on device", str(tmp))
+            write(tmp)  # the bytes reach the temporary file, then the disk is full: write() names no file
+            raise OSError(28, "No space left on device")
 
         return atomic.write_atomic(path, partial_then_full)
 
     monkeypatch.setattr(checkpoint, "write_atomic", second_save_fills_the_disk)
     assert main(["train", "--quiet", "--epochs", "2", "--out", str(out)]) == 1
-    assert "No space left on device" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert f"{out / 'checkpoints' / 'ckpt-000000086.msgpack'}: No space left on device" in line, line
+    # the first checkpoint is whole: the line says how to go on from it
+    assert line.endswith(f"resume with: jaxbatch train --quiet --epochs 2 --out {out} --resume"), line
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["ckpt-000000043.msgpack"]  # the first save whole, no temporary file of the second
     monkeypatch.undo()

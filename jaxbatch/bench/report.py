@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jaxbatch.atomic import write_atomic
+from jaxbatch.atomic import make_folder, remove_made, write_all_atomic, write_atomic
 from jaxbatch.bench.methods import METHODS
 from jaxbatch.bench.run import SCHEMA
 from jaxbatch.errors import JaxbatchError
@@ -332,12 +332,16 @@ def write_results(record: dict, out_dir, name: str, plots: bool = True) -> list[
     <name>-overhead.png. Returns the paths written."""
     out = Path(out_dir).expanduser()
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        made = make_folder(out)
     except OSError as err:
         raise JaxbatchError(f"cannot create the output folder {out}: {err.strerror}; pass another --out")
     paths = [out / f"{name}.json", out / f"{name}.md"]
-    write_atomic(paths[0], lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
-    write_atomic(paths[1], lambda tmp: tmp.write_text(to_markdown(record)))
+    try:  # the record and its table together, or neither (and then no empty folder)
+        write_all_atomic({paths[0]: lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"),
+                          paths[1]: lambda tmp: tmp.write_text(to_markdown(record))})
+    except BaseException:
+        remove_made(made)
+        raise
     if plots:
         paths += [out / f"{name}-throughput.png", out / f"{name}-overhead.png"]
         plot_throughput(record, paths[2])

@@ -173,9 +173,16 @@ class StopSignals:
 
 
 def main(argv=None) -> int:
+    """`jaxbatch ARGV`'s exit status. With no `argv`, main is the process's own
+    command (the `jaxbatch` script, `python -m jaxbatch`): its stop handlers
+    then stay until the process exits, so a second signal that comes while
+    the process ends (JAX's teardown takes a moment) still stops it with its
+    line and 130 or 143. Called with `argv` (tests, a notebook), it puts back
+    the handlers it found."""
     stop = StopSignals()
+    own_process = argv is None
     try:
-        argv = sys.argv[1:] if argv is None else list(argv)
+        argv = sys.argv[1:] if own_process else list(argv)
         args = build_parser().parse_args(argv)
         args.argv = argv[1:]  # the subcommand's own words, e.g. for the command that resumes a run
         if args.command != "train":  # only training stops at a safe point; the others stop at once
@@ -188,7 +195,8 @@ def main(argv=None) -> int:
         print("jaxbatch: interrupted", file=sys.stderr)
         return 130
     finally:
-        stop.restore()
+        if not own_process:  # the caller goes on; the process's own command keeps them to its exit
+            stop.restore()
 
 
 def _run(args) -> int:
@@ -211,7 +219,11 @@ def _run(args) -> int:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except OSError as err:  # the disk, not the input: full, read-only, gone
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"{name}: error: {where}{err.strerror or err}; nothing after the last complete "
-              "file was kept", file=sys.stderr)
+        print(disk_error_line(name, err), file=sys.stderr)
         return 1
+
+
+def disk_error_line(name: str, err: OSError, then: str = "") -> str:
+    """The one line of a write that failed (a full disk): the file, the reason, and `then` (what to do next)."""
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{name}: error: {where}{err.strerror or err}; nothing after the last complete file was kept{then}"

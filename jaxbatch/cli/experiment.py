@@ -40,7 +40,7 @@ def run(args) -> int:
 
     module = get_experiment(args.experiment)
     config = make_config(args.experiment, args.quick, **given(args, module.Config))
-    out = args.out or f"runs/experiments/{args.experiment}"
+    out = f"runs/experiments/{args.experiment}" if args.out is None else args.out  # --out '' is refused below
     check_folder(out)  # before the experiment's work, not after it
 
     def on_progress(text: str) -> None:

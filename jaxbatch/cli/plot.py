@@ -20,6 +20,8 @@ def run(args) -> int:
     from jaxbatch.curves import plot_runs, read_run
     from jaxbatch.errors import JaxbatchError
 
+    if args.out is not None and not args.out.strip():  # as train, bench and experiment refuse it
+        raise JaxbatchError("--out is empty; name a .png file, e.g. --out curves.png")
     runs = [read_run(folder) for folder in args.runs]  # every folder checked before anything is drawn
     out = Path(args.out) if args.out else Path(args.runs[0]) / "curves.png" if len(runs) == 1 else Path("curves.png")
     if out.suffix.lower() != ".png":

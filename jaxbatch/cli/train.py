@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from jaxbatch.cli import STOP_SIGNALS, positive_int
+from jaxbatch.cli import STOP_SIGNALS, disk_error_line, positive_int
 
 
 def add_parser(sub) -> None:
@@ -185,6 +185,7 @@ def run(args) -> int:
     import jax
     from tqdm import tqdm
 
+    from jaxbatch import checkpoint
     from jaxbatch.config import is_private
     from jaxbatch.devices import collective_failed, join_cluster
     from jaxbatch.train import Interrupted, train_and_evaluate
@@ -214,6 +215,12 @@ def run(args) -> int:
                 for name, why in r["skipped"]:
                     print(f"jaxbatch train: skipped checkpoint {name}: {why}; taking the one before", file=sys.stderr,
                           flush=True)
+                if r["missing_epochs"]:
+                    epochs = ", ".join(map(str, r["missing_epochs"]))
+                    print(f"jaxbatch train: warning: {config.out}/metrics.jsonl has no record of epoch"
+                          f"{'s' if len(r['missing_epochs']) > 1 else ''} {epochs} (the file was lost or cut "
+                          "short); the run resumes exactly from its checkpoint, but those lines stay missing",
+                          file=sys.stderr, flush=True)
                 print(f"resuming from {r['path']}: epoch {r['epoch']}, step {r['epoch_step']} of the epoch "
                       f"({r['step']} in all)", flush=True)
         elif event["kind"] == "epoch_start" and not args.quiet:
@@ -241,6 +248,12 @@ def run(args) -> int:
         if jax.process_count() == 1:
             raise
         raise collective_failed(err)
+    except OSError as err:  # a full disk: where a whole checkpoint was kept, the run goes on from it
+        if jax.process_index() != 0 or not config.out or not checkpoint.paths(config.out):
+            raise
+        print(disk_error_line("jaxbatch train", err, f"; once that is fixed, resume with: "
+                              f"{resume_command(args.argv, config.out)}"), file=sys.stderr, flush=True)
+        return 1
     except Interrupted as stop:
         if bar is not None:  # leave=False: closing clears the bar, so the line below starts a line of its own
             bar.close()

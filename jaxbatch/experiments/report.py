@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxbatch.atomic import write_all_atomic
+from jaxbatch.atomic import make_folder, remove_made, write_all_atomic
 from jaxbatch.errors import JaxbatchError
 from jaxbatch.figures import new_figure  # noqa: F401  (the experiments' plots: one import for their kit)
 
@@ -87,14 +87,18 @@ def write_results(out, result: dict, figures: dict) -> list[Path]:
     Returns the paths written."""
     out = check_out_dir(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        made = make_folder(out)
     except OSError as err:
         raise JaxbatchError(f"cannot create output folder {out}: {err.strerror}") from None
     text = json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n"
     writes = {out / "result.json": lambda tmp: tmp.write_text(text)}
     writes.update({out / f"{name}.png": lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100)
                    for name, fig in figures.items()})
-    return write_all_atomic(writes)
+    try:
+        return write_all_atomic(writes)
+    except BaseException:  # nothing written: no empty folder left either
+        remove_made(made)
+        raise
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:
