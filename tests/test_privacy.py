@@ -99,7 +99,8 @@ def added_noise(sampling: str, seed: int, steps, clip: float, sigma: float, batc
     draws = []
     for t in steps:
         one = (train_ds.images[idx[t]], train_ds.labels[idx[t]], weights[t], np.int32(t))
-        noisy, plain = (flat(train_step(state, one, given, grad_fn=grad_fn, optimizer=parts)[0][0]) for given in (numbers, quiet))
+        noisy, plain = (flat(train_step(state, one, given, grad_fn=grad_fn, optimizer=parts)[0][0])
+                        for given in (numbers, quiet))
         divisor = batch if sampling == "poisson" else weights[t].sum()
         draws.append((plain - noisy) / (sigma * clip / divisor))
     return np.array(draws), [a.size for a in jax.tree.leaves(params)]
