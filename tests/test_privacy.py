@@ -1,6 +1,7 @@
 """Per-example clipping against a direct loop (float64), DP-SGD's noise and
 accounting, and the gradient noise scale measured during training."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -26,12 +27,37 @@ def setup(name, b=6, shape=(8, 8, 1)):
     return model, params, rng.random((b, *shape)), rng.integers(0, 10, b)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def example_cross_entropy(apply_fn, params, x, y):
+    return -jax.nn.log_softmax(apply_fn(params, x))[y]
+
+
+def check_by_finite_differences(apply_fn, params, x, y, g, directions=3):
+    """g against central differences of the example's cross-entropy (written
+    here from the model's logits, float64) along random unit directions v:
+    (l(theta + h v) - l(theta - h v)) / 2h = g . v + O(h^2), within 1e-6 ||g||."""
+    loss = lambda p: float(example_cross_entropy(apply_fn, p, x, y))  # noqa: E731
+    leaves, structure = jax.tree.flatten(params)
+    rng, h = np.random.default_rng(3), 1e-5
+    for _ in range(directions):
+        v = [rng.standard_normal(a.shape) for a in leaves]
+        size = np.sqrt(sum(np.sum(a**2) for a in v))
+        v = [a / size for a in v]
+        step = lambda sign: jax.tree.unflatten(structure, [a + sign * h * d for a, d in zip(leaves, v)])  # noqa: E731
+        slope = (loss(step(1)) - loss(step(-1))) / (2 * h)
+        dot = sum(float(np.sum(a * d)) for a, d in zip(jax.tree.leaves(g), v))
+        assert abs(slope - dot) <= 1e-6 * np.sqrt(sum(np.sum(a**2) for a in jax.tree.leaves(g)))
+
+
 def loop_clipped_mean(model, params, xs, ys, clip):
-    """The definition, one example at a time in NumPy: g_i, ||g_i||, scale, average."""
+    """The definition, one example at a time in NumPy: g_i, ||g_i||, scale,
+    average. Each g_i is first checked by finite differences (float64), so
+    the reference does not rest on the gradient code it is compared with."""
     grad_one = losses.example_grad_fn(model.apply)
     total, norms = None, []
     for x, y in zip(xs, ys):
         g = jax.tree.map(np.asarray, grad_one(params, x, y))
+        check_by_finite_differences(model.apply, params, x, y, g)
         norm = np.sqrt(sum(np.sum(a**2) for a in jax.tree.leaves(g)))
         norms.append(norm)
         scaled = jax.tree.map(lambda a: a * min(1.0, clip / norm), g)
