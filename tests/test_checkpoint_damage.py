@@ -6,12 +6,13 @@ checkpoint left, one line and nothing altered."""
 import hashlib
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from flax import serialization
 
-from jaxbatch import TrainConfig, get_model, init_key, init_params, train_and_evaluate
+from jaxbatch import TrainConfig, checkpoint, get_model, init_key, init_params, train_and_evaluate
 from jaxbatch.cli import main
 
 RUN = dict(epochs=2, batch_size=32)  # digits: 43 steps per epoch, checkpoints at steps 43 and 86
@@ -80,6 +81,9 @@ DAMAGES = {
     "position past the end": lambda c: c["position"].update(step=10**6),
     "inconsistent position": lambda c: c["position"].update(epoch_step=5),
     "sums not numbers": lambda c: c["epoch_sums"].update(seen="many"),
+    "another format": lambda c: c.update(format=2),
+    "extra sums not a mapping": lambda c: c["epoch_sums"].update(extra=[1.0]),
+    "last finite loss not a number": lambda c: c["epoch_sums"].update(last_finite="nan"),
 }
 
 
@@ -145,3 +149,19 @@ def test_torn_and_garbage_metrics_lines_are_dropped_on_resume(finished, tmp_path
     original = (finished / "metrics.jsonl").read_text().splitlines()
     resumed = (out / "metrics.jsonl").read_text().splitlines()
     assert len(resumed) == 2 and resumed[0] == original[0]
+
+
+def test_an_unreadable_checkpoint_says_why(finished, monkeypatch):
+    newest = checkpoint.paths(finished)[-1]
+    read_bytes = Path.read_bytes
+
+    def denied(path):
+        if path == newest:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ValueError, match=r"^cannot read it \(Permission denied\)$"):
+        checkpoint.read(newest)
+    ckpt = checkpoint.latest(finished, TrainConfig(**RUN, out=str(finished), resume=True))
+    assert ckpt["skipped"] == [(newest.name, "cannot read it (Permission denied)")]
