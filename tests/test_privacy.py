@@ -3,6 +3,7 @@ accounting, and the gradient noise scale measured during training."""
 
 import functools
 import math
+import sys
 
 import flax.linen as nn
 import jax
@@ -332,3 +333,26 @@ def test_bad_private_settings_are_one_line_and_write_nothing(tmp_path, change, s
         train_and_evaluate(TrainConfig(out=str(tmp_path / "run"), **change))
     assert err.value.setting == setting and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_without_dp_accounting_epsilon_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dp_accounting", None)  # import dp_accounting then raises ImportError
+    with pytest.raises(JaxbatchError, match="privacy accounting needs dp-accounting: pip install") as err:
+        privacy.epsilon(0.01, 1.0, 10, 1e-5)
+    assert "\n" not in str(err.value)
+
+
+def test_calibration_at_the_ends_of_its_range():
+    # A budget the least noise already meets: the least noise, not a bisection past it.
+    assert privacy.calibrate_noise(0.01, 10, 1e-5, 100.0) == privacy.MIN_NOISE
+    # A budget not even the most noise meets: one line naming the setting.
+    tiny = privacy.epsilon(1.0, privacy.MAX_NOISE, 10, 1e-5) / 2
+    with pytest.raises(JaxbatchError, match=f"no noise multiplier up to {privacy.MAX_NOISE:g}") as err:
+        privacy.calibrate_noise(1.0, 10, 1e-5, tiny)
+    assert err.value.setting == "dp_epsilon"
+
+
+def test_a_budget_without_a_clip_norm_is_refused(tmp_path):
+    with pytest.raises(JaxbatchError, match="needs --dp-clip") as err:
+        train_and_evaluate(TrainConfig(dp_epsilon=2.0, out=str(tmp_path / "run")))
+    assert err.value.setting == "dp_epsilon" and not (tmp_path / "run").exists()
