@@ -124,3 +124,9 @@ def test_cli_mismatch_names_the_flag(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "made with batch_size 32 and this run has 16; resume with the checkpoint's --batch-size" in err
+
+
+def test_resume_without_an_output_folder_is_refused():
+    with pytest.raises(JaxbatchError, match="needs an output folder: pass --out DIR") as err:
+        train_and_evaluate(TrainConfig(epochs=1, resume=True))
+    assert err.value.setting == "resume"
