@@ -58,12 +58,6 @@ SAMPLINGS = ("poisson", "shuffle")
 PLD_DISCRETIZATION = 1e-3
 
 
-def noisy_mean(clipped_sum, clip, noise, key, count):
-    """(clipped_sum + N(0, (noise * clip)^2 I)) / count: one independent
-    normal draw per parameter entry, from `key`."""
-    return jax.tree.map(lambda s, z: (s + noise * clip * z) / count, clipped_sum, standard_normal(clipped_sum, key))
-
-
 def standard_normal(tree, key):
     """N(0, I) draws shaped like `tree`, one key per leaf split from `key`."""
     leaves, structure = jax.tree.flatten(tree)

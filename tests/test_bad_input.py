@@ -6,10 +6,14 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+from flax import serialization
 
 from jaxbatch import TrainConfig, train_and_evaluate
 from jaxbatch.cli import main
+from jaxbatch.precision import relative_difference
 
 
 def status_and_error(capsys, *argv) -> tuple[int, list[str]]:
@@ -56,18 +60,27 @@ def test_a_last_batch_of_one_gives_no_nan_noise_scale():
         assert record["noise_scale_steps"] == 2  # the one-example step adds nothing
 
 
-@pytest.mark.parametrize("flags", [[], ["--dp-clip", "1", "--dp-noise", "1", "--optimizer", "adam", "--lr", "1e-3"]])
-def test_jax_enable_x64_trains_a_float32_run_to_the_same_numbers(tmp_path, flags):
+# Adam aside: Optax computes its bias correction 1 - beta^t in JAX's default
+# float (optax.tree.bias_correction raises a Python beta to an int32 count),
+# float64 under JAX_ENABLE_X64, so an Adam run's float32 parameters differ there
+# in their last bits (3e-5 relative after this epoch, measured); still float32.
+@pytest.mark.parametrize("flags,same", [
+    ([], "bytes"), (["--dp-clip", "0.5", "--dp-noise", "1"], "bytes"),
+    (["--optimizer", "adam", "--lr", "1e-3"], "last bits"),
+])
+def test_jax_enable_x64_trains_a_float32_run_to_the_same_numbers(tmp_path, flags, same):
     # JAX_ENABLE_X64 makes JAX's default float float64; the run's own numbers stay float32
     proc = subprocess.run([sys.executable, "-m", "jaxbatch", "train", "--quiet", "--epochs", "1", *flags,
                            "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=180,
                           env={**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    config = dict(epochs=1, dp_clip=None, dp_noise=None)
-    if flags:
-        config.update(dp_clip=1.0, dp_noise=1.0, optimizer="adam", lr=1e-3)
-    expected = train_and_evaluate(TrainConfig(**config)).history[-1]["test_accuracy"]
-    assert f"test accuracy {expected:.4f} after 1 epochs" in proc.stdout
+    assert main(["train", "--quiet", "--epochs", "1", *flags, "--out", str(tmp_path / "plain")]) == 0
+    x64, plain = ((tmp_path / name / "params.msgpack").read_bytes() for name in ("run", "plain"))
+    assert {leaf.dtype for leaf in jax.tree.leaves(serialization.msgpack_restore(x64))} == {np.dtype("float32")}
+    if same == "bytes":
+        assert x64 == plain
+    else:
+        assert relative_difference(serialization.msgpack_restore(x64), serialization.msgpack_restore(plain)) < 1e-3
 
 
 @pytest.mark.parametrize("command,name", [

@@ -81,18 +81,26 @@ def test_checkpoint_holds_the_position_sums_settings_and_state(tmp_path):
     assert set(params["params"]) == {"hidden", "out"} and opt_state is not None
 
 
-def test_a_resume_with_other_settings_is_refused_naming_the_difference(tmp_path):
-    train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path)))
-    for change, setting in ((dict(batch_size=16), "batch_size"), (dict(model="mlp_scratch"), "model"),
+def test_a_resume_with_other_settings_is_refused_naming_the_difference(tmp_path, uninterrupted):
+    with pytest.raises(Interrupted):
+        train_and_evaluate(TrainConfig(**BASE, out=str(tmp_path)), stop_requested=stop_after(5))
+    for change, setting in ((dict(batch_size=32), "batch_size"), (dict(model="mlp_scratch"), "model"),
                             (dict(seed=1), "seed"),
                             # another model's run differs in more: the model is named first, the rest after
                             (dict(model="mlp_scratch", max_steps=40, lr=0.1), "model")):
         with pytest.raises(JaxbatchError, match=f"made with {setting} ") as err:
-            train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path), resume=True, **change))
+            train_and_evaluate(TrainConfig(**{**BASE, **change}, out=str(tmp_path), resume=True))
         assert err.value.setting == setting
     assert "(lr, max_steps differ too)" in str(err.value)
-    # Settings that do not change the numbers may change.
-    train_and_evaluate(TrainConfig(epochs=1, out=str(tmp_path), resume=True, keep=1, steps_per_chunk=5))
+    # Settings that do not change the numbers may change, and the numbers are the uninterrupted run's.
+    train_and_evaluate(TrainConfig(**{**BASE, "steps_per_chunk": 5}, out=str(tmp_path), resume=True, keep=1))
+    params, history = uninterrupted
+    assert (tmp_path / "params.msgpack").read_bytes() == params
+    # Every figure the same but the train loss, summed chunk by chunk on the device:
+    # chunks of 5 steps add it in another order, so it may differ in its last float32 bits.
+    for got, want in zip(lines(tmp_path), history, strict=True):
+        assert got.pop("train_loss") == pytest.approx(want["train_loss"], rel=1e-6)
+        assert got == {k: v for k, v in want.items() if k != "train_loss"}
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
@@ -119,3 +127,9 @@ def test_cli_mismatch_names_the_flag(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "made with batch_size 32 and this run has 16; resume with the checkpoint's --batch-size" in err
+
+
+def test_resume_without_an_output_folder_is_refused():
+    with pytest.raises(JaxbatchError, match="needs an output folder: pass --out DIR") as err:
+        train_and_evaluate(TrainConfig(epochs=1, resume=True))
+    assert err.value.setting == "resume"

@@ -7,12 +7,13 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from flax import serialization
 
-from jaxbatch import TrainConfig, get_model, init_key, init_params, train_and_evaluate
+from jaxbatch import TrainConfig, checkpoint, get_model, init_key, init_params, train_and_evaluate
 from jaxbatch.cli import main
 
 RUN = dict(epochs=2, batch_size=32)  # digits: 43 steps per epoch, checkpoints at steps 43 and 86
@@ -98,6 +99,9 @@ DAMAGES = {
     "NaN in the parameters": poisoned("0", np.nan),
     "inf in the optimiser state": poisoned("1", np.inf),
     "NaN in the sums": lambda c: c["epoch_sums"].update(loss_sum=float("nan")),
+    "another format": lambda c: c.update(format=2),
+    "extra sums not a mapping": lambda c: c["epoch_sums"].update(extra=[1.0]),
+    "last finite loss not a number": lambda c: c["epoch_sums"].update(last_finite="nan"),
 }
 
 
@@ -205,3 +209,17 @@ def test_a_resume_says_which_epochs_metrics_lost(finished, tmp_path, capsys, los
     assert (out / "params.msgpack").read_bytes() == (finished / "params.msgpack").read_bytes()
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2]
 
+def test_an_unreadable_checkpoint_says_why(finished, monkeypatch):
+    newest = checkpoint.paths(finished)[-1]
+    read_bytes = Path.read_bytes
+
+    def denied(path):
+        if path == newest:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ValueError, match=r"^cannot read it \(Permission denied\)$"):
+        checkpoint.read(newest)
+    ckpt = checkpoint.latest(finished, TrainConfig(**RUN, out=str(finished), resume=True))
+    assert ckpt["skipped"] == [(newest.name, "cannot read it (Permission denied)")]

@@ -124,15 +124,21 @@ def test_tarball_without_the_batches(tmp_path, capsys):
 
 
 def test_pickle_that_runs_code_is_refused(tmp_path, capsys):
+    marker = tmp_path / "ran"  # what the payload creates if it runs (outside the data folder)
+
     class Evil:
         def __reduce__(self):
-            return (print, ("this must not run",))
+            return (open, (str(marker), "w"))
 
+    data = pickle.dumps({b"data": Evil(), b"labels": []})
+    pickle.loads(data)
+    assert marker.exists(), "the payload does not run, so refusing it proves nothing"
+    marker.unlink()
     folder = tmp_path / "cifar10" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+    (folder / "test_batch").write_bytes(data)
     expect_error(tmp_path, capsys, "test", "test_batch", "refusing")
-    assert "this must not run" not in capsys.readouterr().out
+    assert not marker.exists()
 
 
 def test_oversized_loose_batch_is_refused_unread(tmp_path, capsys):

@@ -299,7 +299,10 @@ def test_deadline_ends_a_trickling_server(tmp_path, server, monkeypatch, slow):
     took = time.monotonic() - start
     message = str(err.value)
     assert "train-images-idx3-ubyte.gz took longer than its deadline of 1 s" in message and "\n" not in message
-    assert took < 4, f"{took:.1f} s for a 1 s deadline"
+    # Not before the deadline, and well before the server gives up by itself (MOST_S,
+    # what a deadline that never acted would take): the margin is for a loaded machine.
+    margin_s = Handler.MOST_S / 3
+    assert 1.0 <= took < 1.0 + margin_s, f"{took:.1f} s for a 1 s deadline"
     assert everything_under(tmp_path) == []
 
 

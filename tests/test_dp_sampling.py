@@ -5,6 +5,7 @@ is cut to fewer slots; a batch that does not fit its slots gets more, never
 cut; microbatches give the whole batch's sum; the calibrated noise ends the run
 within 1% below the target epsilon."""
 
+import dp_accounting
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +124,14 @@ def test_a_calibrated_run_ends_at_its_epsilon_and_records_its_noise(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["dp_sampling"] == "poisson" and 0.3 < config["dp_noise"] < 10
     assert privacy.epsilon(32 / 1347, config["dp_noise"], 86, 1e-5) == result.history[-1]["epsilon"]
+    # Against dp-accounting called directly with the run's q, sigma and steps: its RDP figure
+    # exactly, its PLD figure at the library's own finer discretisation (1e-4) from above,
+    # within privacy.PLD_DISCRETIZATION's stated 0.1%.
+    event = dp_accounting.PoissonSampledDpEvent(32 / 1347, dp_accounting.GaussianDpEvent(config["dp_noise"]))
+    rdp = dp_accounting.rdp.RdpAccountant().compose(event, 86).get_epsilon(1e-5)
+    pld = dp_accounting.pld.PLDAccountant().compose(event, 86).get_epsilon(1e-5)
+    assert result.history[-1]["epsilon_rdp"] == rdp
+    assert pld <= result.history[-1]["epsilon"] <= 1.001 * pld
 
 
 def test_shuffled_batches_are_kept_for_comparison_and_say_so(tmp_path, capsys):

@@ -179,6 +179,20 @@ def test_fit_slope_recovers_a_power_law():
 # ---- input-scale ------------------------------------------------------------
 
 
+def test_weights_over_255_keep_the_hidden_activations():
+    # Row (iv): W1 / 255 applied to 255 x is W1 x, to float32 rounding; the logits are row (i)'s / 255.
+    config = make_config("input-scale", quick=True)
+    model = get_model(config.model)
+    x = np.random.default_rng(0).uniform(size=(4, 8, 8, 1)).astype(np.float32)
+    outputs = {}
+    for row, scale in (("i", 1.0), ("iv", 255.0)):
+        params = input_scale.row_params(input_scale.row_config(config, row), row, x.shape[1:])
+        logits, state = model.apply(params, x * scale, capture_intermediates=True)
+        outputs[row] = logits, state["intermediates"]["hidden"]["__call__"][0]
+    np.testing.assert_allclose(np.maximum(outputs["iv"][1], 0), np.maximum(outputs["i"][1], 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outputs["iv"][0] * 255, outputs["i"][0], rtol=1e-5, atol=1e-6)
+
+
 def test_input_scale_shows_why_x255_fails(quick):
     result, out = quick("input-scale")
     rows = result["rows"]
@@ -194,7 +208,9 @@ def test_input_scale_shows_why_x255_fails(quick):
     first = {row: {k: v[0] for k, v in r["first_steps"]["grad_norm"].items()} for row, r in rows.items()}
     for layer in first["i"]:
         assert first["ii"][layer] > 100 * first["i"][layer]
-        # ...unless the initial weights are scaled down by the same 255: the same hidden activations.
+        # ...unless the initial weights are scaled down by the same 255: the same hidden
+        # activations (test_weights_over_255_keep_the_hidden_activations), logits / 255, so
+        # gradients that differ only through softmax(z / 255) against softmax(z).
         assert first["iv"][layer] == pytest.approx(first["i"][layer], rel=0.25)
     assert acc["iii"] >= 0.5  # lr/255 trains
     assert rows["iv"]["lr"] == pytest.approx(0.02 / 255) and rows["v"]["lr"] == pytest.approx(0.02 / 255**2)

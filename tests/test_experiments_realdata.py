@@ -1,10 +1,15 @@
 """The experiments' targets on the real datasets (skipped unless JAXBATCH_DATA_DIR is set).
 Smaller than the full runs whose results are in results/, the same code."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from jaxbatch.experiments import make_config
 from jaxbatch.experiments import equality, input_scale, variance
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -34,6 +39,11 @@ def test_input_scale_x255_diverges_on_cifar10(real_data_dir):
     result = input_scale.run(make_config("input-scale", data_dir=str(real_data_dir), epochs=1, grad_steps=10))
     rows = result["rows"]
     assert rows["ii"]["diverged"] is not None and rows["ii"]["diverged"]["epoch"] == 1
-    assert rows["i"]["diverged"] is None and rows["i"]["final_test_accuracy"] > 0.3
+    # Row (i)'s one epoch is the first epoch of the published 20-epoch run (results/input-scale:
+    # 0.3846, then 0.505 after 20; the recipe's full run is held to its target in
+    # test_recipes_real). Within 2 points: that run was made with earlier code, and
+    # float32 sums in another order move a first epoch by about a point (0.3776 measured now).
+    published = json.loads((RESULTS / "input-scale" / "result.json").read_text())["rows"]["i"]["test_accuracy"][0]
+    assert rows["i"]["diverged"] is None and rows["i"]["final_test_accuracy"] == pytest.approx(published, abs=0.02)
     hidden = next(iter(rows["i"]["first_steps"]["grad_norm"]))
     assert rows["ii"]["first_steps"]["grad_norm"][hidden][0] > 100 * rows["i"]["first_steps"]["grad_norm"][hidden][0]

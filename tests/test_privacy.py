@@ -1,7 +1,9 @@
 """Per-example clipping against a direct loop (float64), DP-SGD's noise and
 accounting, and the gradient noise scale measured during training."""
 
+import functools
 import math
+import sys
 
 import flax.linen as nn
 import jax
@@ -9,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbatch import ghost, losses, privacy
+from jaxbatch import data, devices, ghost, losses, optim, privacy, train
 from jaxbatch.errors import JaxbatchError
-from jaxbatch.models import get_model
+from jaxbatch.data.inputs import input_numbers
+from jaxbatch.models import get_model, init_params
 from jaxbatch.precision import enable_x64, relative_difference
 from jaxbatch import Interrupted, TrainConfig, train_and_evaluate
 from jaxbatch.noise_scale import terms as noise_scale_terms
@@ -25,12 +28,37 @@ def setup(name, b=6, shape=(8, 8, 1)):
     return model, params, rng.random((b, *shape)), rng.integers(0, 10, b)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def example_cross_entropy(apply_fn, params, x, y):
+    return -jax.nn.log_softmax(apply_fn(params, x))[y]
+
+
+def check_by_finite_differences(apply_fn, params, x, y, g, directions=3):
+    """g against central differences of the example's cross-entropy (written
+    here from the model's logits, float64) along random unit directions v:
+    (l(theta + h v) - l(theta - h v)) / 2h = g . v + O(h^2), within 1e-6 ||g||."""
+    loss = lambda p: float(example_cross_entropy(apply_fn, p, x, y))  # noqa: E731
+    leaves, structure = jax.tree.flatten(params)
+    rng, h = np.random.default_rng(3), 1e-5
+    for _ in range(directions):
+        v = [rng.standard_normal(a.shape) for a in leaves]
+        size = np.sqrt(sum(np.sum(a**2) for a in v))
+        v = [a / size for a in v]
+        step = lambda sign: jax.tree.unflatten(structure, [a + sign * h * d for a, d in zip(leaves, v)])  # noqa: E731
+        slope = (loss(step(1)) - loss(step(-1))) / (2 * h)
+        dot = sum(float(np.sum(a * d)) for a, d in zip(jax.tree.leaves(g), v))
+        assert abs(slope - dot) <= 1e-6 * np.sqrt(sum(np.sum(a**2) for a in jax.tree.leaves(g)))
+
+
 def loop_clipped_mean(model, params, xs, ys, clip):
-    """The definition, one example at a time in NumPy: g_i, ||g_i||, scale, average."""
+    """The definition, one example at a time in NumPy: g_i, ||g_i||, scale,
+    average. Each g_i is first checked by finite differences (float64), so
+    the reference does not rest on the gradient code it is compared with."""
     grad_one = losses.example_grad_fn(model.apply)
     total, norms = None, []
     for x, y in zip(xs, ys):
         g = jax.tree.map(np.asarray, grad_one(params, x, y))
+        check_by_finite_differences(model.apply, params, x, y, g)
         norm = np.sqrt(sum(np.sum(a**2) for a in jax.tree.leaves(g)))
         norms.append(norm)
         scaled = jax.tree.map(lambda a: a * min(1.0, clip / norm), g)
@@ -71,15 +99,67 @@ def test_clipping_is_where_the_ways_part():
         assert relative_difference(unclipped, mean) <= 1e-12
 
 
-def test_noisy_mean_has_the_stated_noise():
-    total = {"w": jnp.zeros((200_000,)), "b": jnp.ones((3,))}
-    out = privacy.noisy_mean(total, 2.0, 1.5, privacy.step_key(0, 7), 4.0)
-    std = float(jnp.std(out["w"] * 4.0))
-    assert abs(std - 1.5 * 2.0) < 0.02 * 3.0  # sigma C, to 2% with 200k draws
-    again = privacy.noisy_mean(total, 2.0, 1.5, privacy.step_key(0, 7), 4.0)
-    assert np.array_equal(out["w"], again["w"])  # (seed, step) alone decide the noise
-    other = privacy.noisy_mean(total, 2.0, 1.5, privacy.step_key(0, 8), 4.0)
-    assert not np.array_equal(out["w"], other["w"])
+train_step = jax.jit(train.train_step, static_argnames=("grad_fn", "optimizer"))
+
+
+def added_noise(sampling: str, seed: int, steps, clip: float, sigma: float, batch: int):
+    """The noise real DP-SGD steps add, in units of their stated std: each
+    step of `steps` taken from the same state with sigma and with sigma 0
+    (train.train_step, its gradient, noise and optimiser composed by train.py
+    from the settings; sgd, lr 1, no momentum, so the update is -g_tilde),
+    the difference divided by sigma C / B for Poisson batches, by sigma C /
+    (the batch's real examples) for shuffled ones. Returns those (steps, P)
+    draws and the leaves' sizes."""
+    config = TrainConfig(batch_size=batch, dp_clip=clip, dp_noise=sigma, dp_sampling=sampling, seed=seed,
+                         lr=1.0, momentum=0.0)
+    model = get_model(config.model)
+    train_ds, _ = data.prepare_data(config.dataset, model, batch)
+    n = len(train_ds)
+    parts, optimizer_numbers = train.optimizer_parts(config, total_steps=max(steps) + 1)
+    numbers = train.step_numbers(config, train_ds, optimizer_numbers)
+    quiet = {**numbers, "dp": {**numbers["dp"], "noise": np.zeros_like(numbers["dp"]["noise"])}}
+    grad_fn = train.gradient_fn(config, model, devices.data_mesh(1))
+    params = init_params(model, train.init_key(seed), train_ds.image_shape)
+    state = (params, optim.chain(parts, numbers).init(params))
+    slots = privacy.batch_slots(batch, n) if sampling == "poisson" else None
+    idx, weights = train.batches_of(config, 1, 0, n, max(steps) + 1, slots, 8)
+    draws = []
+    for t in steps:
+        one = (train_ds.images[idx[t]], train_ds.labels[idx[t]], weights[t], np.int32(t))
+        noisy, plain = (flat(train_step(state, one, given, grad_fn=grad_fn, optimizer=parts)[0][0])
+                        for given in (numbers, quiet))
+        divisor = batch if sampling == "poisson" else weights[t].sum()
+        draws.append((plain - noisy) / (sigma * clip / divisor))
+    return np.array(draws), [a.size for a in jax.tree.leaves(params)]
+
+
+def flat(tree):
+    return np.concatenate([np.asarray(a, np.float64).ravel() for a in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("sampling,steps", [
+    ("poisson", range(6)),
+    # digits' 1347 examples in batches of 64: 21 full ones, then step 21 of 3 examples, divided by 3.
+    ("shuffle", [0, 1, 2, 3, 21]),
+])
+def test_a_training_step_adds_noise_of_std_sigma_c_over_b(sampling, steps):
+    clip, sigma, batch = 0.5, 1.7, 64  # C != 1: a noise missing its factor C is off by 2
+    (first, sizes), (second, _) = (added_noise(sampling, seed, steps, clip, sigma, batch) for seed in (0, 1))
+    draws = np.concatenate([first, second])
+    p = draws.shape[1]  # the mlp's 19,210 parameters on digits
+    # Every step's noise, alone: mean 0 and std 1 in units of sigma C / B, within
+    # 4 standard errors (the sample std's is 1/sqrt(2P), 0.5%). Per step, so a
+    # Poisson divisor that followed the batch's drawn size (about 12% off) fails.
+    for z in draws:
+        assert abs(z.mean()) < 4 / np.sqrt(p)
+        assert abs(z.std() - 1) < 4 / np.sqrt(2 * p)
+    # Every parameter array gets its share (10 output biases too).
+    for leaf in np.split(draws, np.cumsum(sizes)[:-1], axis=1):
+        assert abs(leaf.std() - 1) < 4 / np.sqrt(2 * leaf.size)
+    # Independent across steps and seeds: every pair of the (2 seeds x steps)
+    # draws uncorrelated, within 4 standard errors of a correlation (1/sqrt(P)).
+    corr = np.corrcoef(draws)
+    assert np.all(np.abs(corr[~np.eye(len(draws), dtype=bool)]) < 4 / np.sqrt(p))
 
 
 def gaussian_delta(eps: float, sigma: float) -> float:
@@ -119,7 +199,13 @@ def test_private_training_reports_epsilon_and_resumes_exactly(tmp_path):
     # What the epsilon does not cover is not released...
     for h in full.history:
         assert not set(h) & {"train_loss", "train_accuracy", "clipped_fraction", "mean_grad_norm", "nonprivate"}
-        assert 0 <= h["test_accuracy"] <= 1 and h["examples_seen"] > 0
+        # Poisson batches: an epoch's 43 steps see Binomial(43 N, B/N) examples, within 4 standard deviations.
+        assert abs(h["examples_seen"] - 43 * 32) < 4 * math.sqrt(43 * 32 * (1 - 32 / 1347))
+    # The test accuracy (released: it reads no training data) is the final parameters' own.
+    test = data.load("digits", "test")
+    _, accuracy = train.evaluate(full.params, test.images, test.labels, input_numbers(),
+                                 apply_fn=get_model("mlp").apply, batch_size=1000)
+    assert full.history[-1]["test_accuracy"] == accuracy
     # ... unless asked for, and then marked; asking changes nothing of the run.
     shown = train_and_evaluate(TrainConfig(**config, dp_nonprivate_metrics=True))
     assert all(0 < h["nonprivate"]["clipped_fraction"] <= 1 and h["nonprivate"]["mean_grad_norm"] > 0
@@ -247,3 +333,26 @@ def test_bad_private_settings_are_one_line_and_write_nothing(tmp_path, change, s
         train_and_evaluate(TrainConfig(out=str(tmp_path / "run"), **change))
     assert err.value.setting == setting and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_without_dp_accounting_epsilon_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dp_accounting", None)  # import dp_accounting then raises ImportError
+    with pytest.raises(JaxbatchError, match="privacy accounting needs dp-accounting: pip install") as err:
+        privacy.epsilon(0.01, 1.0, 10, 1e-5)
+    assert "\n" not in str(err.value)
+
+
+def test_calibration_at_the_ends_of_its_range():
+    # A budget the least noise already meets: the least noise, not a bisection past it.
+    assert privacy.calibrate_noise(0.01, 10, 1e-5, 100.0) == privacy.MIN_NOISE
+    # A budget not even the most noise meets: one line naming the setting.
+    tiny = privacy.epsilon(1.0, privacy.MAX_NOISE, 10, 1e-5) / 2
+    with pytest.raises(JaxbatchError, match=f"no noise multiplier up to {privacy.MAX_NOISE:g}") as err:
+        privacy.calibrate_noise(1.0, 10, 1e-5, tiny)
+    assert err.value.setting == "dp_epsilon"
+
+
+def test_a_budget_without_a_clip_norm_is_refused(tmp_path):
+    with pytest.raises(JaxbatchError, match="needs --dp-clip") as err:
+        train_and_evaluate(TrainConfig(dp_epsilon=2.0, out=str(tmp_path / "run")))
+    assert err.value.setting == "dp_epsilon" and not (tmp_path / "run").exists()

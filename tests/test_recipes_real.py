@@ -14,7 +14,8 @@ from jaxbatch.precision import highest_precision, relative_difference
 from jaxbatch.recipes import get_recipe
 from jaxbatch.train import TrainConfig, train_and_evaluate
 
-pytestmark = pytest.mark.realdata
+# Each trains a whole recipe on a real dataset (minutes on a CPU): never in the fast tier.
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 THRESHOLDS = {
     "mlp-scratch-fashion": 0.83,  # text E from scratch: 0.832
