@@ -32,3 +32,27 @@ def test_dp_cost_prints_every_figure():
     memory = re.findall(r"logical batch 256, (whole|physical \d+)\s+peak memory\s+([0-9.]+) MiB", output)
     assert [label for label, _ in memory] == ["whole", "physical 64", "physical 16"], output
     assert all(float(mib) > 0 for _, mib in memory), output
+
+
+def test_dp_cost_times_the_opacus_twins_beside_jaxbatch():
+    import pytest
+
+    pytest.importorskip("opacus")
+    proc = subprocess.Popen([sys.executable, "scripts/dp_cost.py", "--dataset", "digits", "--models", "mlp",
+                             "--batch-size", "64", "--epochs", "1", "--rounds", "1", "--logical", "64", "--opacus"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output
+    assert re.search(r"torch \S+ on 1 thread\(s\), opacus \S+", output), output
+    twins = r"mlp B=64 (torch plain|opacus hooks|opacus ghost)\s+epoch\s+[0-9.]+ s\s+x([0-9.]+) plain"
+    ratios = dict(re.findall(twins, output))
+    assert set(ratios) == {"torch plain", "opacus hooks", "opacus ghost"}, output
+    assert all(float(r) > 0 for r in ratios.values()), output
+    faster = r"Opacus's faster mode \((hooks|ghost)\) takes x[0-9.]+ jaxbatch's private epoch \(target >= 2\)"
+    assert re.search(faster, output), output
