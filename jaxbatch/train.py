@@ -328,7 +328,9 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
         params = init_params(model, init_key(config.seed), train_ds.image_shape)
     params = jax.tree.map(lambda p: np.asarray(p, config.dtype), params)
     example = np.zeros(train_ds.image_shape, config.dtype)
-    chunk, unroll = chunk_plan(config, steps_per_epoch, backends.has_convolution(model.apply, params, example))
+    has_conv = backends.has_convolution(model.apply, params, example)
+    backends.warn_if_few_devices(config, has_conv)  # the CLI chooses the count before JAX starts; the API cannot
+    chunk, unroll = chunk_plan(config, steps_per_epoch, has_conv)
     optimizer, optimizer_numbers = optimizer_parts(config, total_steps)
     numbers = step_numbers(config, train_ds, optimizer_numbers)
     state = (params, optim.chain(optimizer, numbers).init(params))

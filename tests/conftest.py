@@ -20,6 +20,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))
 
+# One host device unless a test asks for more: on CPU the command line would
+# otherwise give a model with a convolution one device per core
+# (jaxbatch/backends.py), and the child processes the tests start would
+# depend on the machine's cores. tests/test_host_devices.py lifts it to test
+# that default.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")
 
 # The real datasets (CI: ../shared/data), read once, before any test runs: the
 # tests themselves see no default data folder, so a test that expects "no

@@ -9,13 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300  # about 30 s on 2 busy cores
 
 
-def test_dp_cost_prints_every_figure():
+def dp_cost(*flags: str) -> str:
+    """The script's output on digits' mlp at B = 64, one epoch timed; it must exit 0."""
     proc = subprocess.Popen([sys.executable, "scripts/dp_cost.py", "--dataset", "digits", "--models", "mlp",
-                             "--batch-size", "64", "--epochs", "1", "--rounds", "1", "--logical", "256"],
+                             "--batch-size", "64", "--epochs", "1", "--rounds", "1", *flags],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -25,6 +28,11 @@ def test_dp_cost_prints_every_figure():
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, output
+    return output
+
+
+def test_dp_cost_prints_every_figure():
+    output = dp_cost("--logical", "256")
     ratios = dict(re.findall(r"mlp B=64 (plain|dp poisson|dp shuffle)\s+epoch\s+[0-9.]+ s\s+x([0-9.]+) plain", output))
     assert set(ratios) == {"plain", "dp poisson", "dp shuffle"}, output
     assert float(ratios["plain"]) == 1.0 and float(ratios["dp poisson"]) > 0, output
@@ -32,3 +40,15 @@ def test_dp_cost_prints_every_figure():
     memory = re.findall(r"logical batch 256, (whole|physical \d+)\s+peak memory\s+([0-9.]+) MiB", output)
     assert [label for label, _ in memory] == ["whole", "physical 64", "physical 16"], output
     assert all(float(mib) > 0 for _, mib in memory), output
+
+
+def test_dp_cost_times_the_opacus_twins_beside_jaxbatch():
+    pytest.importorskip("opacus")
+    output = dp_cost("--logical", "64", "--opacus")
+    assert re.search(r"torch \S+ on 1 thread\(s\), opacus \S+", output), output
+    twins = r"mlp B=64 (torch plain|opacus hooks|opacus ghost)\s+epoch\s+[0-9.]+ s\s+x([0-9.]+) plain"
+    ratios = dict(re.findall(twins, output))
+    assert set(ratios) == {"torch plain", "opacus hooks", "opacus ghost"}, output
+    assert all(float(r) > 0 for r in ratios.values()), output
+    faster = r"Opacus's faster mode \((hooks|ghost)\) takes x[0-9.]+ jaxbatch's private epoch \(target >= 2\)"
+    assert re.search(faster, output), output

@@ -187,3 +187,56 @@ def torch_matmul_peak(n: int, device, **timing) -> dict:
     gen = torch.Generator().manual_seed(0)
     pairs = [tuple(torch.randn(n, n, generator=gen).to(device) for _ in range(2)) for _ in range(3)]
     return matmul_peak(torch.matmul, pairs, torch_sync(device), **timing)
+
+
+# ---- DP-SGD twins: Opacus, against jaxbatch's private step -------------------
+
+# Opacus 1.6's two ways to clip: "hooks" forms every per-example gradient;
+# "ghost" (ghost clipping, Li et al. 2022; Bu et al. 2023) takes the norms
+# without them and backpropagates a second time with the clip factors.
+OPACUS_MODES = ("hooks", "ghost")
+
+
+def require_opacus():
+    try:
+        import opacus
+    except ImportError:
+        raise JaxbatchError("Opacus is not installed; install it (pip install 'jaxbatch[opacus]') or drop --opacus")
+    return opacus
+
+
+def opacus_twin(model, mode: str, lr: float, clip: float, noise: float, batch_size: int):
+    """(model, optimizer, criterion): the twin made private by Opacus in
+    `mode`, SGD at `lr`, clip C and noise multiplier sigma, dividing the
+    noisy clipped sum by the expected batch size B as jaxbatch's Poisson
+    batches do. The batches are handed to `train_step`, not drawn by Opacus
+    (poisson_sampling=False: its loader only tells Opacus B), so both
+    frameworks step through the same examples."""
+    torch = require_torch()
+    if mode not in OPACUS_MODES:
+        raise JaxbatchError(f"unknown Opacus mode {mode!r}; choose from: {', '.join(OPACUS_MODES)}")
+    opacus = require_opacus()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(batch_size)),
+                                         batch_size=batch_size)
+    kw = dict(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), data_loader=loader,
+              noise_multiplier=noise, max_grad_norm=clip, poisson_sampling=False)
+    engine = opacus.PrivacyEngine()
+    criterion = torch.nn.CrossEntropyLoss()
+    if mode == "ghost":
+        model, optimizer, criterion, _ = engine.make_private(**kw, criterion=criterion, grad_sample_mode="ghost")
+    else:
+        model, optimizer, _ = engine.make_private(**kw, grad_sample_mode="hooks")
+    return model, optimizer, criterion
+
+
+def plain_twin(model, lr: float):
+    """(model, optimizer, criterion): the twin's plain SGD step, for the same comparison."""
+    torch = require_torch()
+    return model, torch.optim.SGD(model.parameters(), lr=lr), torch.nn.CrossEntropyLoss()
+
+
+def train_step(model, optimizer, criterion, x, y) -> None:
+    """One optimiser step of a twin (plain or Opacus: the same four calls)."""
+    optimizer.zero_grad(set_to_none=True)
+    criterion(model(x), y).backward()
+    optimizer.step()

@@ -175,6 +175,16 @@ def target_line(target: dict, final: dict) -> str:
             f"{format_seconds(target['seconds_to_target'])} of training (compilation excluded){epsilon}")
 
 
+def devices_note(chosen: int | None, event: dict) -> str:
+    """What the start line says of a host device count jaxbatch chose (None: the user chose)."""
+    if chosen is None or event["device_kind"] != "cpu":
+        return ""
+    if chosen == 1:
+        return " (one host device: no convolution to spread over cores)"
+    return (f" ({chosen} host devices, one per core: a convolution runs faster data-parallel; "
+            "JAX_NUM_CPU_DEVICES=1 or --devices 1 for one)")
+
+
 def bar_showing(args, showing: bool) -> None:
     """Tell the signal handler (cli.StopSignals) whether a progress bar holds stderr's last line."""
     if hasattr(args.stop_requested, "bar_showing"):
@@ -186,12 +196,15 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from jaxbatch import checkpoint
+    from jaxbatch.backends import start_host_devices
     from jaxbatch.config import is_private
     from jaxbatch.devices import collective_failed, join_cluster
     from jaxbatch.train import Interrupted, train_and_evaluate
 
     join_cluster(args.coordinator, args.num_processes, args.process_id, args.join_timeout, args.distributed)
     config = build_config(args)
+    # Before JAX's backend starts: one host device per core for a convolution (jaxbatch/backends.py).
+    chosen = None if jax.distributed.is_initialized() else start_host_devices(config)
     if args.stop_requested():  # a signal while JAX was importing: stop before loading anything
         print(f"jaxbatch train: {Interrupted(args.stop_requested(), 1, 0, None, started=False)}", file=sys.stderr)
         return STOP_SIGNALS[signal.Signals[args.stop_requested()]]
@@ -206,8 +219,8 @@ def run(args) -> int:
             print(f"training {config.model} on {config.dataset}: {event['train_size']} train / "
                   f"{event['test_size']} test examples, batch {config.batch_size}, "
                   f"{event['steps_per_epoch']} steps per epoch, {config.optimizer} lr {config.lr:g}, "
-                  f"loss {config.loss}; {event['devices']} x {event['device_kind']}{hosts}; run folder "
-                  f"{config.out}/", flush=True)
+                  f"loss {config.loss}; {event['devices']} x {event['device_kind']}{hosts}"
+                  f"{devices_note(chosen, event)}; run folder {config.out}/", flush=True)
             if event["final_epsilon"] is not None:
                 print(dp_start_line(config, event), flush=True)
             if event["resumed_from"]:
