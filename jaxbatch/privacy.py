@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
