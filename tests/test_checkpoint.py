@@ -75,7 +75,8 @@ def test_checkpoint_holds_the_position_sums_settings_and_state(tmp_path):
     saved = serialization.msgpack_restore((tmp_path / "checkpoints" / names[-1]).read_bytes())
     assert saved["format"] == checkpoint.FORMAT
     assert saved["position"] == {"step": 170, "epoch": 3, "epoch_step": 0, "epochs_done": 2}
-    assert set(saved["epoch_sums"]) == {"loss_sum", "correct", "seen", "last_finite", "extra"}
+    assert set(saved["epoch_sums"]) == {"loss_sum", "correct", "seen", "last_finite", "extra",
+                                        "train_time_s", "examples_before"}  # target.py: the run so far
     assert saved["settings"]["batch_size"] == 16 and "out" not in saved["settings"]
     params, opt_state = saved["state"]["0"], saved["state"]["1"]
     assert set(params["params"]) == {"hidden", "out"} and opt_state is not None
