@@ -484,21 +484,24 @@ def figures(result: dict) -> dict:
     other = result.get("compare")
     if other:
         ob = [b for b, s in zip(other["batch_sizes"], other["steps_to_target"]) if s is not None]
-        ax_s.plot(ob, [s for s in other["steps_to_target"] if s is not None], "s--", color="C1", ms=4,
-                  label="non-private")
-        ax_e.plot(ob, [e for e in other["epochs_to_target"] if e is not None], "s--", color="C1", ms=4,
-                  label="non-private")
-    from matplotlib.ticker import FixedLocator, LogFormatter, NullLocator, StrMethodFormatter
+        name = f"non-private, to {other['config']['target']:g}"  # the other sweep's own target
+        ax_s.plot(ob, [s for s in other["steps_to_target"] if s is not None], "s--", color="C1", ms=4, label=name)
+        ax_e.plot(ob, [e for e in other["epochs_to_target"] if e is not None], "s--", color="C1", ms=4, label=name)
+        if other["b_crit"] is not None:
+            for ax in (ax_s, ax_e):
+                ax.axvline(other["b_crit"], color="C1", ls=":", lw=1.5, label=f"its B_crit {other['b_crit']:.3g}")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator, StrMethodFormatter
 
-    sizes = [p["batch_size"] for p in result["points"]]
+    sizes = sorted({p["batch_size"] for p in result["points"]} | set(other["batch_sizes"] if other else []))
+    plain = FuncFormatter(lambda y, _: f"{y:g}")  # 0.3, 20, 1000: no 3e-01
     for ax, what in ((ax_s, "steps"), (ax_e, "epochs")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(FixedLocator(sizes))  # a label at each batch size swept
         ax.xaxis.set_major_formatter(StrMethodFormatter("{x:.0f}"))
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if f"{y:.0e}"[0] in "235" else ""))
         ax.tick_params(axis="x", labelsize=7)
         ax.set_xlabel("batch size B")
         ax.set_ylabel(f"{what} to test accuracy {c['target']:g}")
