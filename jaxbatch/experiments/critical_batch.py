@@ -317,8 +317,9 @@ def search_lr(sweep: Sweep, b: int, grid: list, start: int, dp_noise=None) -> tu
 def _run_line(record: dict, sweep: Sweep) -> str:
     what = (f"target at step {record['steps']} ({record['epochs']:.3g} epochs)" if record["reached"] else
             "diverged" if record["diverged"] else
-            f"missed (best {record.get('best_accuracy', 0):.4f} in "
-            f"{record['max_steps'] or 'max_epochs'} steps)")
+            f"missed (best {record.get('best_accuracy', 0):.4f} in " + (
+                f"{record['max_steps']} steps, twice the best so far)" if record["max_steps"]
+                else f"{sweep.config.max_epochs} epochs)"))
     elapsed = time.perf_counter() - sweep.started
     return (f"B={record['batch_size']} lr {record['lr']:.4g} seed {record['seed']}: {what}  "
             f"[{sweep.trained} trained, {_clock(elapsed)}]")
