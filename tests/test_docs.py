@@ -5,6 +5,7 @@ or listed with the reason it is not, and no page or committed record names a
 folder of the machine it was made on. tests/test_readme.py does the same for
 the README."""
 
+import json
 import os
 import re
 import shutil
@@ -77,6 +78,10 @@ NOT_RUN = {
     "jaxbatch train --distributed": "needs a cluster JAX detects (a TPU pod, SLURM)",
     "jaxbatch train --recipe mlp-fashion --checkpoint-every 200": REAL_DATA + "; tests/test_resume.py resumes",
     "jaxbatch train --recipe mlp-fashion --checkpoint-every 200 --resume": REAL_DATA,
+    # bench.md: DP-SGD against Opacus
+    'pip install -e ".[opacus]"': PIP,
+    "python scripts/dp_cost.py --data-dir $JAXBATCH_DATA_DIR --opacus --torch-threads 1": REAL_DATA + "; and "
+    "Opacus (tests/test_dp_cost.py times a small run beside the twins when it is installed)",
     # critical-batch.md
     "jaxbatch experiment critical-batch --quick": "about a minute on 2 CPU cores: 36 trainings "
     "(tests/test_critical_batch.py runs a smaller sweep and its rerun)",
@@ -161,7 +166,10 @@ def test_the_docs_quick_commands_run_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # a fresh clone's folder: runs/ starts empty
     run_commands(RUN, capsys)
     assert (tmp_path / "compare.png").exists() and (tmp_path / "runs/mlp-digits/3/curves.png").exists()
-    assert sorted(p.name for p in (tmp_path / "runs/mlp-digits").iterdir()) == ["1", "2", "3", "4", "5"]
+    assert sorted(p.name for p in (tmp_path / "runs/mlp-digits").iterdir()) == ["1", "2", "3", "4", "5", "6"]
+    # critical-batch.md's run to a target: its evaluations, and the target on its last line
+    target = json.loads((tmp_path / "runs/mlp-digits/6/metrics.jsonl").read_text().splitlines()[-1])["target"]
+    assert target["reached"] and (tmp_path / "runs/mlp-digits/6/evals.jsonl").exists()
 
 
 def test_home_page_idea_snippet_runs_and_its_gradients_agree(capsys):
