@@ -205,9 +205,8 @@ class Sweep:
 
     def identity(self) -> dict:
         """What makes a run's result this sweep's: every setting but the bookkeeping."""
-        keep = {k: v for k, v in dataclasses.asdict(self.config).items()
+        return {k: v for k, v in dataclasses.asdict(self.config).items()
                 if k not in ("data_dir", "compare", "seeds", "noise_batch_size", "batch_sizes")}
-        return keep
 
     def steps_per_epoch(self, b: int) -> int:
         return -(-len(self.train) // b)
@@ -361,7 +360,6 @@ def run(config: Config, on_progress=None, out=None) -> dict:
             on_progress(_run_line(record, sweep))
             seeds.append(record)
         reached = [r for r in seeds if r["reached"]]
-        n = len(train)
         points.append({
             "batch_size": b, "best_lr": grid[best], "lr_at_edge": best in (0, len(grid) - 1) and bool(reached),
             "dp_noise": noise, "lrs_tried": [{"lr": r["lr"], "steps": r["steps"], "reached": r["reached"],
@@ -459,9 +457,8 @@ def figures(result: dict) -> dict:
     label = "DP-SGD" if c["dp_epsilon"] else "measured"
     if pts:
         b = np.array([p["batch_size"] for p in pts], float)
-        for ax, key, seeds, scale in ((ax_s, "steps_to_target", "seed_steps", 1.0),
-                                      (ax_e, "epochs_to_target", "seed_epochs", 1.0)):
-            med = np.array([p[key] for p in pts]) * scale
+        for ax, key, seeds in ((ax_s, "steps_to_target", "seed_steps"), (ax_e, "epochs_to_target", "seed_epochs")):
+            med = np.array([p[key] for p in pts])
             lo = med - [min(p[seeds]) for p in pts]
             hi = [max(p[seeds]) for p in pts] - med
             ax.errorbar(b, med, yerr=[lo, hi], fmt="o", color="C0", capsize=3,
