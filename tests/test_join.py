@@ -69,3 +69,58 @@ def test_both_waits_of_a_peer_go_through_the_helper(monkeypatch):
     devices.check_in("10.0.0.1", 1234, 2, 1, time.monotonic() + 1, 1)
     devices.wait_for_coordinator("10.0.0.1", 1234, 1)
     assert calls == [("10.0.0.1", 1234, True), ("10.0.0.1", 1234, False)]
+
+
+@pytest.mark.parametrize("args,message", [
+    (("127.0.0.1:1234", 2, None), "--coordinator, --num-processes and --process-id go together; pass all three"),
+    ((None, 2, 0), "--coordinator, --num-processes and --process-id go together; pass all three"),
+    (("127.0.0.1", 2, 0), "--coordinator '127.0.0.1' is not HOST:PORT, e.g. 10.0.0.1:1234"),
+    ((":1234", 2, 0), "--coordinator ':1234' is not HOST:PORT"),
+    (("127.0.0.1:http", 2, 0), "--coordinator '127.0.0.1:http' is not HOST:PORT"),
+    (("127.0.0.1:1234", 2, 2), r"--process-id 2 is outside 0 \.\. 1"),
+    (("127.0.0.1:1234", 2, -1), r"--process-id -1 is outside 0 \.\. 1"),
+])
+def test_a_bad_join_is_one_line_before_any_connection(monkeypatch, args, message):
+    def no_connection(*a, **kw):
+        raise AssertionError("connected with bad arguments")
+
+    monkeypatch.setattr(socket, "create_connection", no_connection)
+    monkeypatch.setattr(socket, "create_server", no_connection)
+    with pytest.raises(JaxbatchError, match=message):
+        devices.join_cluster(*args, timeout=1)
+
+
+def test_a_lone_process_joins_nothing(monkeypatch):
+    def no_join(*a, **kw):
+        raise AssertionError("joined a cluster without being asked")
+
+    monkeypatch.setattr(devices.jax.distributed, "initialize", no_join)
+    devices.join_cluster()  # no coordinator, no --distributed: nothing to do
+
+
+def test_a_port_taken_by_another_program_is_one_line_for_process_0():
+    with socket.create_server(("", 0)) as taken:  # listening: process 0 cannot listen there too
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(JaxbatchError, match=f"cannot listen on port {port} for the other processes .*; "
+                                                "pass a free port in --coordinator"):
+            devices.join_cluster(f"127.0.0.1:{port}", 2, 0, timeout=5)
+    assert time.monotonic() - started < 5  # refused at once, not after the join's timeout
+
+
+def test_distributed_outside_a_cluster_jax_detects_is_one_line(monkeypatch):
+    # --distributed calls jax.distributed.initialize() with no arguments; off a
+    # TPU pod or SLURM, JAX cannot find a coordinator and says so in many lines.
+    seen = {}
+
+    def initialize(**kwargs):
+        seen.update(kwargs)
+        raise ValueError("coordinator_address should be defined.\nmore lines from JAX")
+
+    monkeypatch.setattr(devices.jax.distributed, "initialize", initialize)
+    with pytest.raises(JaxbatchError) as caught:
+        devices.join_cluster(timeout=7, detect=True)
+    line = str(caught.value)
+    assert "\n" not in line and "could not join the cluster's coordinator (coordinator_address should be defined.)" \
+        in line and devices.DETECT_HINT in line
+    assert seen == {"initialization_timeout": 7}

@@ -287,6 +287,49 @@ def test_convolution_norms_and_clipped_sums_for_every_geometry(leave_to_vmap):
     assert relative_difference(got, expected) <= 1e-12
 
 
+class OneOddLayer(nn.Module):
+    """A small conv net with one layer of a kind ghost.py must judge: "twice"
+    (one Dense applied on two inputs, whose gradient is a sum over its calls),
+    "input_dilation" and "mask" (Conv options the unfolding ignores), all three
+    left to vmap; "same_lower" (padding put low when uneven), unfolded."""
+    kind: str
+
+    @nn.compact
+    def __call__(self, x):
+        if self.kind == "input_dilation":
+            x = nn.Conv(3, (2, 2), padding=((1, 1), (1, 1)), input_dilation=2)(x)
+        elif self.kind == "mask":
+            x = nn.Conv(3, (3, 3), mask=jnp.ones((3, 3, x.shape[-1], 3)).at[2].set(0))(x)  # its last row masked
+        else:
+            x = nn.Conv(3, (2, 2), strides=1, padding="SAME_LOWER" if self.kind == "same_lower" else "SAME")(x)
+        x = nn.relu(x).reshape(*x.shape[:-3], -1)
+        head = nn.Dense(10)
+        if self.kind == "twice":
+            shared = nn.Dense(x.shape[-1])
+            x = shared(nn.tanh(shared(x)))
+        return head(x)
+
+
+@pytest.mark.parametrize("kind,unfolded", [("twice", False), ("input_dilation", False), ("mask", False),
+                                           ("same_lower", True)])
+def test_layers_ghost_norms_leave_to_vmap_still_clip_exactly(kind, unfolded):
+    # A layer the formulas do not hold for must send the model to vmap (every
+    # g_i formed), not give wrong norms; SAME_LOWER is unfolded like SAME.
+    model = OneOddLayer(kind)
+    with enable_x64():
+        rng = np.random.default_rng(4)
+        xs, ys = rng.standard_normal((4, 5, 5, 2)), rng.integers(0, 10, 4)
+        params = jax.tree.map(lambda a: np.asarray(a, np.float64), model.init(jax.random.key(2), xs[:1]))
+        assert ghost.covers_all(model.apply, params, xs) is unfolded
+        auto_sq, _, _ = jax.jit(lambda p, x, y: losses.per_example_sq_norms(model.apply, p, x, y))(params, xs, ys)
+        _, norms = loop_clipped_mean(model, params, xs, ys, 1.0)
+        clip = float(np.median(norms))
+        expected, _ = loop_clipped_mean(model, params, xs, ys, clip)
+        got, _ = jax.jit(lambda p, x, y: losses.clipped_mean_grad(model.apply, p, x, y, clip))(params, xs, ys)
+    np.testing.assert_allclose(np.sqrt(auto_sq), norms, rtol=1e-12)
+    assert relative_difference(got, expected) <= 1e-12
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_one_pass_gives_the_gradient_and_the_norms_for_dense_models(reduction):
     # The mlp is all Dense layers: the step's own backward pass gives every ||g_i||.

@@ -56,6 +56,26 @@ def test_the_readmes_two_runs_both_stay(tmp_path, monkeypatch, capsys):
     assert numbered_out("runs/mlp-digits", resume=False) == "runs/mlp-digits/3"
 
 
+def test_a_run_saved_before_numbered_folders_is_resumed_in_place(tmp_path, monkeypatch, capsys):
+    # Runs once went straight into runs/<name>/; --resume with no --out still finds one there.
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "runs" / "mlp-digits"
+    assert main(["train", "--quiet", "--epochs", "2", "--out", "runs/mlp-digits", "--checkpoint-every", "5"]) == 0
+    whole = (base / "metrics.jsonl").read_text().splitlines()
+    newest = max((base / "checkpoints").iterdir())
+    newest.unlink()  # as if killed before the last epoch's end: the newest checkpoint left is mid-epoch 2
+    assert numbered_out("runs/mlp-digits", resume=True) == "runs/mlp-digits"
+    assert main(["train", "--epochs", "2", "--resume"]) == 0, capsys.readouterr().err
+    assert "resum" in capsys.readouterr().out.lower()
+    again = (base / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in again] == [1, 2]
+    drop = ("epoch_time_s",)
+    assert [{k: v for k, v in json.loads(line).items() if k not in drop} for line in again] == \
+        [{k: v for k, v in json.loads(line).items() if k not in drop} for line in whole]  # the same epoch 2
+    assert not [p for p in base.iterdir() if p.name.isdigit()]  # no numbered folder made beside it
+    assert numbered_out("runs/mlp-digits", resume=False) == "runs/mlp-digits/1"  # a new run gets the first number
+
+
 def test_no_run_to_resume_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["train", *QUICK, "--resume"]) == 2
