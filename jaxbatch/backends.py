@@ -32,7 +32,11 @@ slow enough to be worth a workaround there, and only there:
    host device per core (`start_host_devices`, before JAX's backend starts:
    the count cannot change after), as many as divide the batch. The mlp
    gains nothing (0.41 s an epoch on one device, 0.46 s on two) and stays on
-   one (2-core AMD EPYC, quiet, jax 0.10). The user's own count wins:
+   one (2-core AMD EPYC, quiet, jax 0.10). Per recipe, an epoch on two
+   host devices against one (a 2-core AMD EPYC without AVX-512, quiet;
+   `scripts/train_speed.py --host-devices 1 2`): cnn-mnist 0.62x, lenet-mnist
+   0.91x, dp-mnist-cnn 0.79x, and dp-mnist (cnn_tanh, DP-SGD) 1.02x, nothing
+   gained but nothing lost. The user's own count wins:
    JAX_NUM_CPU_DEVICES, jax.config's jax_num_cpu_devices, XLA_FLAGS'
    --xla_force_host_platform_device_count, or --devices.
 

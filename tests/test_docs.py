@@ -80,6 +80,8 @@ NOT_RUN = {
     "jaxbatch train --recipe mlp-fashion --checkpoint-every 200 --resume": REAL_DATA,
     # bench.md: DP-SGD against Opacus
     'pip install -e ".[opacus]"': PIP,
+    "python scripts/train_speed.py --data-dir $JAXBATCH_DATA_DIR --host-devices 1 2": REAL_DATA + "; about 15 "
+    "minutes; tests/test_train_speed.py runs the same path on digits",
     "python scripts/dp_cost.py --data-dir $JAXBATCH_DATA_DIR --opacus --torch-threads 1": REAL_DATA + "; and "
     "Opacus (tests/test_dp_cost.py times a small run beside the twins when it is installed)",
     # critical-batch.md
