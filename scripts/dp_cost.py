@@ -28,6 +28,7 @@ logical batches split into physical ones.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -38,7 +39,7 @@ import numpy as np
 from jaxbatch import TrainConfig, data, get_model, init_key, init_params, privacy, train_and_evaluate
 from jaxbatch.bench.measure import compile_step
 from jaxbatch.gradients import ClippedGrad
-from jaxbatch.machine import cpu_model
+from jaxbatch.machine import cpu_flags, cpu_model
 
 TARGETS = {"cnn": 1.5, "mlp": 1.2}
 
@@ -104,8 +105,8 @@ def torch_epoch_times(model_name: str, way: str, train_ds, batch_size: int, epoc
 def ways(model: str, batch_size: int) -> dict:
     private = dict(dp_clip=1.0, dp_noise=1.0)
     out = {"plain": {}, "dp poisson": private, "dp shuffle": {**private, "dp_sampling": "shuffle"}}
-    if model != "mlp":  # the cnn's ghost norms against every g_i formed
-        out["dp poisson, vmapped g_i"] = {**private, "dp_chunk": batch_size * 2}
+    if model != "mlp" and jax.device_count() == 1:  # the cnn's ghost norms against every g_i formed (one device:
+        out["dp poisson, vmapped g_i"] = {**private, "dp_chunk": batch_size * 2}  # --dp-chunk is refused on more)
     return out
 
 
@@ -133,7 +134,8 @@ def main() -> None:
                         "step (hooks, ghost) beside jaxbatch's, interleaved (pip install 'jaxbatch[opacus]')")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads for the twins")
     args = parser.parse_args()
-    print(f"machine: {cpu_model()}, {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(f"machine: {cpu_model()} ({', '.join(cpu_flags())}), {os.cpu_count()} cores, {jax.device_count()} x "
+          f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
     if args.opacus:
         import opacus
         import torch
