@@ -1,7 +1,16 @@
 """What tests of the command line share: an exit status, argparse's refusals
-included, and the one line of an error."""
+included, the one line of an error, and a script run in its own process
+group, bounded in time."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 from jaxbatch.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def cli(*argv) -> int:
@@ -17,3 +26,19 @@ def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     return err[0]
+
+
+def run_script(*argv: str, timeout: float, env: dict | None = None) -> str:
+    """`python ARGV` in the repository root, its output (stdout and stderr);
+    it must exit 0 within `timeout` seconds. It runs in its own process
+    group, which is killed whole (the script's children too) if it does not."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output
+    return output

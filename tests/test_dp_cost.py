@@ -2,33 +2,18 @@
 DP-SGD cost figures cannot rot unseen: every way is timed against plain training, the noise floor
 and the peak memory of a logical batch whole and in physical batches are printed."""
 
-import os
 import re
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from cli_helpers import run_script
 
-REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300  # about 30 s on 2 busy cores
 
 
 def dp_cost(*flags: str) -> str:
     """The script's output on digits' mlp at B = 64, one epoch timed; it must exit 0."""
-    proc = subprocess.Popen([sys.executable, "scripts/dp_cost.py", "--dataset", "digits", "--models", "mlp",
-                             "--batch-size", "64", "--epochs", "1", "--rounds", "1", *flags],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, output
-    return output
+    return run_script("scripts/dp_cost.py", "--dataset", "digits", "--models", "mlp", "--batch-size", "64", "--epochs",
+                      "1", "--rounds", "1", *flags, timeout=TIMEOUT_S)
 
 
 def test_dp_cost_prints_every_figure():

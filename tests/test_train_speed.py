@@ -5,28 +5,16 @@ accuracy (the same numbers, to float32 rounding)."""
 
 import os
 import re
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from cli_helpers import run_script
+
 TIMEOUT_S = 300  # about 40 s on 2 quiet cores
 
 
 def test_each_host_device_count_runs_in_its_own_process_to_the_same_accuracy():
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}  # the script sets it per child
-    proc = subprocess.Popen([sys.executable, "scripts/train_speed.py", "--host-devices", "1", "2", "--recipes",
-                             "cnn-mnist", "--dataset", "digits", "--epochs", "1", "--rounds", "1"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, output
+    output = run_script("scripts/train_speed.py", "--host-devices", "1", "2", "--recipes", "cnn-mnist", "--dataset",
+                        "digits", "--epochs", "1", "--rounds", "1", timeout=TIMEOUT_S, env=env)
     rows = re.findall(r"cnn-mnist\s+(\d) host device\(s\)\s+epoch\s+([0-9.]+) s\s+x([0-9.]+) of 1\s+"
                       r"test accuracy ([0-9.]+)", output)
     assert [devices for devices, *_ in rows] == ["1", "2"], output  # the count each child really had
