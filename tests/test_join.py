@@ -124,3 +124,15 @@ def test_distributed_outside_a_cluster_jax_detects_is_one_line(monkeypatch):
     assert "\n" not in line and "could not join the cluster's coordinator (coordinator_address should be defined.)" \
         in line and devices.DETECT_HINT in line
     assert seen == {"initialization_timeout": 7}
+
+
+def test_distributed_on_one_machine_is_one_line_and_leaves_no_folder(tmp_path, capsys):
+    # The real call, no stand-in: on a machine that is no TPU pod or SLURM job, JAX finds no coordinator.
+    from cli_helpers import cli, one_error_line
+
+    out = tmp_path / "run"
+    assert cli("train", "--distributed", "--join-timeout", "5", "--epochs", "1", "--out", str(out)) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("jaxbatch train: error: could not join the cluster's coordinator") and \
+        devices.DETECT_HINT in line, line
+    assert not out.exists()
