@@ -39,6 +39,11 @@ TARGET_S = {"mlp-fashion": 0.7, "cnn-mnist": 25.0}
 CONV_RECIPES = ["cnn-mnist", "lenet-mnist", "dp-mnist", "dp-mnist-cnn"]
 
 
+def machine() -> str:
+    """The CPU, its vector extensions (they bound XLA:CPU's speed) and its cores."""
+    return f"{cpu_model()} ({', '.join(cpu_flags())}), {os.cpu_count()} cores"
+
+
 def epoch_times(config: TrainConfig, train_ds, test_ds) -> list[float]:
     history = train_and_evaluate(config, train_ds=train_ds, test_ds=test_ds).history
     return [h["epoch_time_s"] for h in history[1:]]
@@ -59,8 +64,8 @@ def one_run(name: str, epochs: int, data_dir: str | None, dataset: str | None = 
 def host_devices(args) -> None:
     """Each recipe on each count of host devices, a child process per run."""
     recipes = args.recipes or CONV_RECIPES
-    print(f"CPU: {cpu_model()} ({', '.join(cpu_flags())}), {os.cpu_count()} cores; jax {jax.__version__}; {args.epochs} timed epoch(s) a run "
-          f"after the first, {args.rounds} round(s)", flush=True)
+    print(f"CPU: {machine()}; jax {jax.__version__}; {args.epochs} timed epoch(s) a run after the first, "
+          f"{args.rounds} round(s)", flush=True)
     for name in recipes:
         runs = {count: [] for count in args.host_devices}
         for _ in range(args.rounds):
@@ -88,7 +93,8 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=None,
                         help=f"default {' '.join(TARGET_S)}; with --host-devices {' '.join(CONV_RECIPES)}")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per run (after the first)")
-    parser.add_argument("--rounds", type=int, default=2, help="vmap/batched runs, interleaved")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="runs of each loss mode (or each device count), interleaved")
     parser.add_argument("--host-devices", type=int, nargs="+", default=None,
                         help="time each recipe on these counts of host devices (JAX_NUM_CPU_DEVICES), e.g. 1 2")
     parser.add_argument("--dataset", default=None, help="with --host-devices: train the recipes on this dataset "
@@ -103,7 +109,7 @@ def main() -> None:
     args.recipes = args.recipes or list(TARGET_S)
 
     device = jax.devices()[0]
-    print(f"device: {device.platform} {device.device_kind}; CPU: {cpu_model()}, {jax.local_device_count()} "
+    print(f"device: {device.platform} {device.device_kind}; CPU: {machine()}, {jax.local_device_count()} "
           f"device(s); jax {jax.__version__}")
     print(f"{'recipe':<20}{'loss':<9}{'median epoch s':>15}{'target s':>10}{'examples/s':>12}")
     for name in args.recipes:
