@@ -89,10 +89,14 @@ def test_padding_and_microbatches_never_change_the_clipped_sum():
         y = jnp.arange(24) % 10
         w = jnp.array([1.0] * 17 + [0.0] * 7)  # 17 real examples, 7 slots of padding
         numbers = {"dp": {"clip": jnp.float64(0.5), "batch": jnp.float64(20.0)}}
-        real = ClippedGrad(model.apply, expected=True)(params, x[:17], y[:17], w[:17], 0, numbers)
-        padded = ClippedGrad(model.apply, expected=True)(params, x, y, w, 0, numbers)
-        micro = ClippedGrad(model.apply, expected=True, physical=8)(params, x, y, w, 0, numbers)
-        shuffled = ClippedGrad(model.apply)(params, x, y, w, 0, numbers)
+
+        def clipped(grad, *batch):  # jitted, as training runs it (op by op, the four took minutes)
+            return jax.jit(lambda p, x, y, w: grad(p, x, y, w, 0, numbers))(params, *batch)
+
+        real = clipped(ClippedGrad(model.apply, expected=True), x[:17], y[:17], w[:17])
+        padded = clipped(ClippedGrad(model.apply, expected=True), x, y, w)
+        micro = clipped(ClippedGrad(model.apply, expected=True, physical=8), x, y, w)
+        shuffled = clipped(ClippedGrad(model.apply), x, y, w)
         assert relative_difference(padded[0], real[0]) <= 1e-13
         assert relative_difference(micro[0], real[0]) <= 1e-13
         # Poisson divides by the expected size B = 20; shuffled batches by their real count, 17
