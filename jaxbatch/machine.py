@@ -13,6 +13,7 @@ estimate of the work itself.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -64,3 +65,10 @@ def cpu_flags() -> list[str]:
     """The vector extensions that bound a CPU's matmul speed."""
     flags = set((_cpuinfo("flags") or "").split())
     return [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+
+
+def cpu_summary() -> str:
+    """The CPU, its vector extensions (they bound XLA:CPU's speed: the same
+    model name can hide hosts with and without AVX-512) and its cores, for a
+    script's first line."""
+    return f"{cpu_model()} ({', '.join(cpu_flags()) or 'no AVX'}), {os.cpu_count()} cores"

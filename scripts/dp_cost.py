@@ -28,7 +28,6 @@ logical batches split into physical ones.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -39,7 +38,7 @@ import numpy as np
 from jaxbatch import TrainConfig, data, get_model, init_key, init_params, privacy, train_and_evaluate
 from jaxbatch.bench.measure import compile_step
 from jaxbatch.gradients import ClippedGrad
-from jaxbatch.machine import cpu_flags, cpu_model
+from jaxbatch.machine import cpu_summary
 
 TARGETS = {"cnn": 1.5, "mlp": 1.2}
 
@@ -134,8 +133,7 @@ def main() -> None:
                         "step (hooks, ghost) beside jaxbatch's, interleaved (pip install 'jaxbatch[opacus]')")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads for the twins")
     args = parser.parse_args()
-    print(f"machine: {cpu_model()} ({', '.join(cpu_flags())}), {os.cpu_count()} cores, {jax.device_count()} x "
-          f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(f"machine: {cpu_summary()}, {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
     if args.opacus:
         import opacus
         import torch

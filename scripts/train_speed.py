@@ -31,7 +31,7 @@ import sys
 import jax
 
 from jaxbatch import data
-from jaxbatch.machine import cpu_flags, cpu_model
+from jaxbatch.machine import cpu_summary
 from jaxbatch.recipes import get_recipe
 from jaxbatch import TrainConfig, train_and_evaluate
 
@@ -39,22 +39,21 @@ TARGET_S = {"mlp-fashion": 0.7, "cnn-mnist": 25.0}
 CONV_RECIPES = ["cnn-mnist", "lenet-mnist", "dp-mnist", "dp-mnist-cnn"]
 
 
-def machine() -> str:
-    """The CPU, its vector extensions (they bound XLA:CPU's speed) and its cores."""
-    return f"{cpu_model()} ({', '.join(cpu_flags())}), {os.cpu_count()} cores"
-
-
 def epoch_times(config: TrainConfig, train_ds, test_ds) -> list[float]:
     history = train_and_evaluate(config, train_ds=train_ds, test_ds=test_ds).history
     return [h["epoch_time_s"] for h in history[1:]]
 
 
+def recipe_and_data(name: str, data_dir: str | None, dataset: str | None = None):
+    """Recipe `name`'s fields (its dataset replaced by `dataset` if given) and its train and test splits."""
+    fields = {**get_recipe(name), **({"dataset": dataset} if dataset else {})}
+    return fields, data.load(fields["dataset"], "train", data_dir), data.load(fields["dataset"], "test", data_dir)
+
+
 def one_run(name: str, epochs: int, data_dir: str | None, dataset: str | None = None) -> dict:
     """One run of recipe `name` (on `dataset` if given) in this process, as
     the child of --host-devices does it."""
-    fields = {**get_recipe(name), **({"dataset": dataset} if dataset else {})}
-    train_ds = data.load(fields["dataset"], "train", data_dir)
-    test_ds = data.load(fields["dataset"], "test", data_dir)
+    fields, train_ds, test_ds = recipe_and_data(name, data_dir, dataset)
     config = dataclasses.replace(TrainConfig(**fields), epochs=1 + epochs)
     result = train_and_evaluate(config, train_ds=train_ds, test_ds=test_ds)
     return {"times": [h["epoch_time_s"] for h in result.history[1:]], "accuracy": result.history[-1]["test_accuracy"],
@@ -64,7 +63,7 @@ def one_run(name: str, epochs: int, data_dir: str | None, dataset: str | None = 
 def host_devices(args) -> None:
     """Each recipe on each count of host devices, a child process per run."""
     recipes = args.recipes or CONV_RECIPES
-    print(f"CPU: {machine()}; jax {jax.__version__}; {args.epochs} timed epoch(s) a run after the first, "
+    print(f"CPU: {cpu_summary()}; jax {jax.__version__}; {args.epochs} timed epoch(s) a run after the first, "
           f"{args.rounds} round(s)", flush=True)
     for name in recipes:
         runs = {count: [] for count in args.host_devices}
@@ -109,13 +108,11 @@ def main() -> None:
     args.recipes = args.recipes or list(TARGET_S)
 
     device = jax.devices()[0]
-    print(f"device: {device.platform} {device.device_kind}; CPU: {machine()}, {jax.local_device_count()} "
+    print(f"device: {device.platform} {device.device_kind}; CPU: {cpu_summary()}, {jax.local_device_count()} "
           f"device(s); jax {jax.__version__}")
     print(f"{'recipe':<20}{'loss':<9}{'median epoch s':>15}{'target s':>10}{'examples/s':>12}")
     for name in args.recipes:
-        fields = get_recipe(name)
-        train_ds = data.load(fields["dataset"], "train", args.data_dir)
-        test_ds = data.load(fields["dataset"], "test", args.data_dir)
+        fields, train_ds, test_ds = recipe_and_data(name, args.data_dir)
         times = {"vmap": [], "batched": []}
         for _ in range(args.rounds):
             for loss in times:

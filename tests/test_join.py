@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from cli_helpers import cli, one_error_line
 
 from jaxbatch import devices
 from jaxbatch.errors import JaxbatchError
@@ -128,8 +129,6 @@ def test_distributed_outside_a_cluster_jax_detects_is_one_line(monkeypatch):
 
 def test_distributed_on_one_machine_is_one_line_and_leaves_no_folder(tmp_path, capsys):
     # The real call, no stand-in: on a machine that is no TPU pod or SLURM job, JAX finds no coordinator.
-    from cli_helpers import cli, one_error_line
-
     out = tmp_path / "run"
     assert cli("train", "--distributed", "--join-timeout", "5", "--epochs", "1", "--out", str(out)) == 2
     line = one_error_line(capsys)
