@@ -31,6 +31,7 @@ import sys
 import jax
 
 from jaxbatch import data
+from jaxbatch.errors import JaxbatchError
 from jaxbatch.machine import cpu_summary
 from jaxbatch.recipes import get_recipe
 from jaxbatch import TrainConfig, train_and_evaluate
@@ -75,7 +76,8 @@ def host_devices(args) -> None:
                          *(["--dataset", args.dataset] if args.dataset else [])]
                 out = subprocess.run(child, env=env, capture_output=True, text=True, check=False)
                 if out.returncode != 0:
-                    sys.exit(f"{name} on {count} host device(s) failed: {out.stderr.strip().splitlines()[-1:]}")
+                    last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+                    sys.exit(f"train_speed.py: {name} on {count} host device(s) failed: {last}")
                 runs[count].append(json.loads(out.stdout.strip().splitlines()[-1]))
         one = statistics.median(t for r in runs[args.host_devices[0]] for t in r["times"])
         for count, done in runs.items():
@@ -100,6 +102,11 @@ def main() -> None:
                         "instead of their own (digits: a quick check that needs no data folder)")
     parser.add_argument("--one-run", default=None, help=argparse.SUPPRESS)  # a child of --host-devices
     args = parser.parse_args()
+    try:  # an unknown recipe is one line, before any run or child starts
+        for name in args.recipes or []:
+            get_recipe(name)
+    except JaxbatchError as err:
+        sys.exit(f"train_speed.py: {err}")
     if args.one_run:
         print(json.dumps(one_run(args.one_run, args.epochs, args.data_dir, args.dataset)))
         return

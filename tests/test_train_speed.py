@@ -5,8 +5,10 @@ accuracy (the same numbers, to float32 rounding)."""
 
 import os
 import re
+import subprocess
+import sys
 
-from cli_helpers import run_script
+from cli_helpers import REPO, run_script
 
 TIMEOUT_S = 300  # about 40 s on 2 quiet cores
 
@@ -21,3 +23,12 @@ def test_each_host_device_count_runs_in_its_own_process_to_the_same_accuracy():
     assert float(rows[0][2]) == 1.0 and all(float(epoch) > 0 for _, epoch, _, _ in rows), output
     accuracies = [float(accuracy) for *_, accuracy in rows]
     assert abs(accuracies[0] - accuracies[1]) <= 2 / 450, output  # at most two of digits' 450 test images
+
+
+def test_an_unknown_recipe_is_one_line_before_any_run():
+    for flags in (["--host-devices", "1", "2"], []):
+        out = subprocess.run([sys.executable, "scripts/train_speed.py", *flags, "--recipes", "nope"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and out.stdout == "", out
+        assert out.stderr.strip().splitlines() == [out.stderr.strip()] and \
+            out.stderr.startswith("train_speed.py: unknown recipe 'nope'; choose one of:"), out.stderr
