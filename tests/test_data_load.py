@@ -5,7 +5,7 @@ import pytest
 from data_fixtures import random_split, write_idx_split
 
 from jaxbatch.cli import main
-from jaxbatch.data import DATASETS, load, locate
+from jaxbatch.data import DATASETS, digits, load, locate
 from jaxbatch.errors import JaxbatchError
 
 
@@ -16,6 +16,27 @@ def test_digits_needs_no_setup():
     assert train.images.max() == 255 and train.labels.dtype == np.int32
     assert np.bincount(train.labels).min() >= 130  # stratified: every class well represented
     assert not train.images.flags.writeable
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_bundled_digits_are_scikit_learns_split(split):
+    # The file is what jaxbatch/data/digits.py says it is: scikit-learn's copy, rescaled and split.
+    pytest.importorskip("sklearn")
+    images, labels = digits.load_digits(split)
+    made_images, made_labels = digits.from_sklearn(split)
+    assert images.dtype == made_images.dtype and labels.dtype == made_labels.dtype
+    assert np.array_equal(images, made_images) and np.array_equal(labels, made_labels)
+
+
+def test_a_damaged_digits_file_is_one_clear_error(tmp_path, monkeypatch):
+    damaged = tmp_path / "digits.npz"
+    damaged.write_bytes(digits.FILE.read_bytes()[:1000])  # cut short, as a broken install would leave it
+    monkeypatch.setattr(digits, "FILE", damaged)
+    with pytest.raises(JaxbatchError, match=r"bundled digits file .* cannot be read .*reinstall jaxbatch"):
+        digits.load_digits("train")
+    np.savez(damaged, train_images=np.zeros((3, 8, 8, 1), np.uint8), train_labels=np.zeros(3, np.int32))
+    with pytest.raises(JaxbatchError, match=r"holds train arrays of shape \(3, 8, 8, 1\).*reinstall"):
+        digits.load_digits("train")
 
 
 @pytest.mark.parametrize("args,needle", [

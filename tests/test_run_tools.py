@@ -38,7 +38,7 @@ def test_info_on_cpu_names_versions_devices_precision_extras_and_data(capsys):
     for extra in ("dp", "torch", "tfds", "tensorboard", "notebook"):
         assert any(line.split()[:1] == [extra] for line in lines), extra
     assert "($JAXBATCH_DATA_DIR) (does not exist)" in text  # conftest's empty data folder
-    assert "digits         bundled with scikit-learn" in text and "mnist          not here" in text
+    assert "digits         bundled with jaxbatch" in text and "mnist          not here" in text
 
 
 def test_info_json_and_what_it_checks_of_data_files(tmp_path, capsys):

@@ -62,7 +62,7 @@ def describe(found) -> str:
         return "not here"
     kind, where = found
     if kind == "digits":
-        return "bundled with scikit-learn"
+        return "bundled with jaxbatch"
     if kind == "files":
         return f"files: {where.describe()}"
     return f"tfds: {where}"

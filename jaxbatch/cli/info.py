@@ -57,7 +57,7 @@ def dataset_state(name: str, data_dir, sha256: bool) -> dict:
     where = {split: describe(locate(name, split, data_dir)) for split in SPLITS}
     state = {"train": where["train"], "test": where["test"], "present": all(w != "not here" for w in where.values())}
     if name == "digits":
-        state["checked"] = "bundled with scikit-learn"
+        state["checked"] = "bundled with jaxbatch"
         return state
     folder = data_dir / name
     official = [(folder / r.name, r) for r in spec.downloads]
@@ -128,7 +128,7 @@ def render(info: dict) -> str:
     for name, s in data["datasets"].items():
         where = s["train"] if s["train"] == s["test"] else f"train {s['train']}; test {s['test']}"
         lines.append(f"  {name:<14} {where}" + ("" if s["checked"] in (where, "not here", "bundled with "
-                                                                        "scikit-learn") else f"; {s['checked']}"))
+                                                                        "jaxbatch") else f"; {s['checked']}"))
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ Every dataset comes back the same way, whatever its source: uint8 images
 (N, H, W, C) channels-last (what Flax convolutions expect), int32 labels (N,),
 the class names, and the dataset's name.
 
-Where they come from: digits.py (bundled with scikit-learn), files.py (the
+Where they come from: digits.py (bundled with jaxbatch), files.py (the
 canonical files in a data folder: idx.py, cifar.py, imagefolder.py, with
 tarballs.py to read archives and cache.py for slow ones), tfds_source.py
 (tensorflow-datasets); download.py fetches the canonical files. catalog.py
@@ -85,7 +85,7 @@ def locate(name: str, split: str, data_dir=None, source: str = "auto"):
         raise JaxbatchError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
     if name == "digits":
         if source == "tfds":
-            raise JaxbatchError("digits ships with scikit-learn and has no tfds source; use --source auto")
+            raise JaxbatchError("digits ships with jaxbatch and has no tfds source; use --source auto")
         return "digits", None
     data_dir = data_dir_or_default(data_dir)
     if source in ("auto", "files"):
@@ -117,7 +117,7 @@ def load(name: str, split: str, data_dir=None, source: str = "auto") -> Dataset:
 
     source="files" reads the canonical files in `<data_dir>/<name>/` (files.py),
     "tfds" a TFDS dataset prepared in `<data_dir>/tfds/` (tfds_source.py), and
-    "auto" tries them in that order. `digits` ships with scikit-learn and needs
+    "auto" tries them in that order. `digits` ships with jaxbatch and needs
     neither. `data_dir` defaults to `default_data_dir()`.
 
     Repeated calls in one process return the same arrays without reading the

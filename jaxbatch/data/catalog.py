@@ -74,7 +74,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in [
-        # 1,797 images bundled with scikit-learn; split 1,347 / 450 (see digits.py).
+        # 1,797 images bundled with jaxbatch; split 1,347 / 450 (see digits.py).
         DatasetSpec("digits", (8, 8, 1), {"train": 1347, "test": 450}, DIGITS_CLASSES),
         DatasetSpec("mnist", (28, 28, 1), {"train": 60000, "test": 10000}, DIGITS_CLASSES, "mnist",
                     download_url="https://storage.googleapis.com/cvdf-datasets/mnist/",

@@ -111,7 +111,7 @@ def download(
     this call created are removed if they hold nothing.
     """
     if not spec.downloads:
-        raise JaxbatchError(f"{spec.name} has no files to download (it ships with scikit-learn)")
+        raise JaxbatchError(f"{spec.name} has no files to download (it ships with jaxbatch)")
     mirror = resolve_mirror(mirror)
     if deadline_s is not None and not (math.isfinite(deadline_s) and deadline_s > 0):
         raise JaxbatchError(f"a download deadline must be a number of seconds above 0, not {deadline_s}")
