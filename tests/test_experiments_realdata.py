@@ -15,7 +15,10 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 
 def test_equality_on_mnist_every_model(real_data_dir):
-    result = equality.run(make_config("equality", data_dir=str(real_data_dir), repeats=1))
+    # The two comparisons held to a target; float32 at the default precision is only reported (on a
+    # CPU it is the float32 one again) and took a third of this test's time.
+    result = equality.run(make_config("equality", data_dir=str(real_data_dir), repeats=1,
+                                      comparisons=("float32", "float64")))
     assert result["config"]["dataset"] == "mnist"
     assert set(result["models"]) == {"mlp", "mlp_scratch", "cnn", "cnn_tanh", "lenet5", "fc_nobias"}
     for name, m in result["models"].items():
