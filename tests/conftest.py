@@ -77,6 +77,14 @@ def slow_ids() -> set[str]:
     return {line for line in lines if line and not line.startswith("#")}
 
 
+def pytest_configure(config):
+    # pytest-xdist 3.7+ hands out the modules with the most tests first under --dist loadscope
+    # (--loadscope-reorder, on by default), which put LONGEST_FIRST's modules, few tests each but
+    # minutes of child processes, at the end of the run with one worker left to run them.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
