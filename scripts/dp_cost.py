@@ -7,11 +7,17 @@ logical batches split into physical ones.
    Poisson sampling (the default), DP-SGD with shuffled batches, and for
    models with convolutions the vmapped per-example gradients (--dp-chunk B,
    every g_i formed) beside the ghost norms. Epoch 1 (which compiles) is
-   excluded (its median is printed apart: compiling, and for Poisson batches
-   once per padded size a chunk takes); each figure is the median of the
-   later epochs, the runs interleaved so that machine noise hits them alike.
-   Then the noise draws alone, per epoch: a floor for the private step. Targets (printed, not
-   asserted): cnn DP / plain <= 1.5, mlp DP / plain <= 1.2.
+   excluded (its median is printed apart). Each figure is the median of the
+   later epochs in which nothing compiled, the runs interleaved so that
+   machine noise hits them alike: Poisson batches compile a second program
+   for the chunks whose batches need more than the typical slots
+   (privacy.trim), in the first epoch that has one, often after epoch 1, and
+   that one compile (about 15 s for the cnn on 2 cores) is paid once per
+   run, not per epoch. Compiles are counted from JAX's own compile events;
+   the epochs that had one are printed apart. Then the noise draws alone,
+   per epoch: a floor for the private step. Targets (printed, not
+   asserted): cnn DP / plain <= 1.5, mlp DP / plain <= 1.2, and a Poisson
+   epoch at most 1.15x a shuffled one.
    With --opacus, the same run times PyTorch twins beside them, interleaved
    (jaxbatch/bench/torch_twins.py): PyTorch's plain SGD step, and Opacus's
    private step in hooks and in ghost mode, on the same batches (jaxbatch's
@@ -41,11 +47,46 @@ from jaxbatch.gradients import ClippedGrad
 from jaxbatch.machine import cpu_summary
 
 TARGETS = {"cnn": 1.5, "mlp": 1.2}
+POISSON_TARGET = 1.15  # a Poisson DP epoch against a shuffled one
+
+# Seconds JAX has spent tracing, lowering and compiling in this process, from its monitoring events.
+COMPILE_EVENTS = "/jax/core/compile/"
+compiling = {"seconds": 0.0, "events": 0}
 
 
-def epoch_times(config: TrainConfig, train_ds, test_ds) -> list[float]:
-    """Every epoch's time; the first includes compiling."""
-    return [h["epoch_time_s"] for h in train_and_evaluate(config, train_ds=train_ds, test_ds=test_ds).history]
+def _count_compiles(event: str, duration_secs: float, **kwargs) -> None:
+    if event.startswith(COMPILE_EVENTS):
+        compiling["seconds"] += duration_secs
+        compiling["events"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+
+def epoch_times(config: TrainConfig, train_ds, test_ds) -> list[tuple[float, float]]:
+    """Every epoch's (time, seconds of it spent compiling); the first compiles."""
+    marks, compiled = {}, {}
+
+    def on_progress(event):
+        if event["kind"] == "epoch_start":
+            marks[event["epoch"]] = dict(compiling)
+        elif event["kind"] == "epoch":
+            start = marks[event["epoch"]]
+            compiled[event["epoch"]] = (compiling["seconds"] - start["seconds"]
+                                        if compiling["events"] > start["events"] else 0.0)
+
+    history = train_and_evaluate(config, train_ds=train_ds, test_ds=test_ds, on_progress=on_progress).history
+    return [(h["epoch_time_s"], compiled[h["epoch"]]) for h in history]
+
+
+def steady(epochs: list[tuple[float, float]]) -> tuple[list[float], list[tuple[float, float]], bool]:
+    """(the times of the epochs in which nothing compiled, the (time, compile
+    seconds) of those left out, whether every epoch compiled: then all are
+    kept, and none left out)."""
+    clean = [t for t, c in epochs if c == 0.0]
+    if not clean:
+        return [t for t, _ in epochs], [], True
+    return clean, [(t, c) for t, c in epochs if c > 0.0], False
 
 
 def noise_draw_ms(model_name: str, image_shape: tuple, n: int = 50) -> float:
@@ -146,6 +187,8 @@ def main() -> None:
         names = [*ways(model, args.batch_size), *(TORCH_WAYS if args.opacus else ())]
         times = {name: [] for name in names}
         first = {name: [] for name in times}
+        compiled = {name: [] for name in times}  # timed epochs that compiled: (time, compile seconds)
+        polluted = set()  # ways whose timed epochs all compiled
         for _ in range(args.rounds):
             for name in names:
                 if name in TORCH_WAYS:
@@ -153,17 +196,27 @@ def main() -> None:
                 else:
                     config = TrainConfig(model=model, dataset=args.dataset, batch_size=args.batch_size, lr=lr,
                                          epochs=args.epochs + 1, **ways(model, args.batch_size)[name])
-                    warm, *later = epoch_times(config, train_ds, test_ds)
+                    (warm, _), *epochs = epoch_times(config, train_ds, test_ds)
+                    later, compiles, every = steady(epochs)
+                    compiled[name] += compiles
+                    if every:
+                        polluted.add(name)
                 first[name].append(warm)
                 times[name] += later
         plain = statistics.median(times["plain"])
         for name, t in times.items():
             ratio = statistics.median(t) / plain
             target = f" (target <= {TARGETS[model]})" if name == "dp poisson" and model in TARGETS else ""
+            apart = "; ".join(f"{s:.2f} s with {c:.1f} s compiling" for s, c in compiled[name])
             print(f"{model} B={args.batch_size} {name:26s} epoch {statistics.median(t):7.2f} s  "
                   f"x{ratio:.2f} plain{target}  [{', '.join(f'{s:.2f}' for s in t)}]; first epoch "
-                  f"({'warming up' if name in TORCH_WAYS else 'compiling'}) {statistics.median(first[name]):.1f} s",
-                  flush=True)
+                  f"({'warming up' if name in TORCH_WAYS else 'compiling'}) {statistics.median(first[name]):.1f} s"
+                  + (f"; timed epochs that compiled, left out: {apart}" if apart else "")
+                  + ("; EVERY timed epoch of a run compiled: these include compiling (pass more --epochs)"
+                     if name in polluted else ""), flush=True)
+        poisson = statistics.median(times["dp poisson"]) / statistics.median(times["dp shuffle"])
+        print(f"{model} B={args.batch_size} a Poisson DP epoch takes x{poisson:.2f} a shuffled one "
+              f"(target <= {POISSON_TARGET})", flush=True)
         if args.opacus:
             ours = statistics.median(times["dp poisson"])
             faster = min(("opacus hooks", "opacus ghost"), key=lambda name: statistics.median(times[name]))
