@@ -8,11 +8,11 @@ with a fixed seed: 1,347 train / 450 test (scikit-learn's train_test_split,
 test_size=0.25, random_state=0).
 
 The two splits are stored in digits.npz beside this file (48 KB), so a run
-needs no scikit-learn: importing it, and SciPy with it, took about 2 s of
-every `jaxbatch train`'s start on a 2-core CPU, longer than the mlp's first
-epoch. `from_sklearn` makes the same arrays from scikit-learn;
-`python -m jaxbatch.data.digits` rewrites the file from it, and
-tests/test_data_load.py checks the file against it.
+needs no scikit-learn: importing it, and SciPy with it, took 1.8-2.4 s of
+every `jaxbatch train`'s start on a 2-core CPU (a one-epoch run on digits
+took 13-14 s instead of 14.5-17 s). `from_sklearn` makes the same arrays
+from scikit-learn; `python -m jaxbatch.data.digits` rewrites the file from
+it, and tests/test_data_load.py checks the file against it.
 """
 
 from __future__ import annotations
