@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxbatch.data.catalog import get_spec
 from jaxbatch.errors import JaxbatchError
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.25
 FILE = Path(__file__).resolve().parent / "digits.npz"
-SIZES = {"train": 1347, "test": 450}
+SIZES = get_spec("digits").sizes  # {"train": 1347, "test": 450}, from the catalogue
 
 
 def load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
