@@ -166,6 +166,26 @@ def test_unrolled_and_rolled_chunks_compute_the_same_training():
     assert rolled.history[-1]["examples_seen"] == unrolled.history[-1]["examples_seen"] == 12 * 64
 
 
+def test_a_one_step_chunk_runs_its_step_outside_any_loop(monkeypatch):
+    # lax.scan keeps a while loop for a single step, even unrolled, and XLA:CPU runs
+    # convolutions inside loop bodies about 10x slower (backends.py): one-step chunks
+    # (--steps-per-chunk 1, --eval-every 1 or a prime above 8) must not loop.
+    programs, run_chunk = [], train.run_chunk
+
+    def lowered(*args, **kwargs):  # the chunk's program, read before the call donates the state
+        programs.append((len(args[2]), kwargs["unroll"], "while" in run_chunk.lower(*args, **kwargs).as_text()))
+        return run_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(train, "run_chunk", lowered)
+    kw = dict(model="cnn", epochs=1, batch_size=64, max_steps=4)
+    one = train_and_evaluate(TrainConfig(steps_per_chunk=1, **kw))
+    assert set(programs) == {(1, True, False)}
+    programs.clear()
+    rolled = train_and_evaluate(TrainConfig(steps_per_chunk=2, unroll=False, **kw))
+    assert set(programs) == {(2, False, True)}  # the check sees a loop where there is one
+    assert rel_diff(one.params, rolled.params) < 1e-6
+
+
 def test_a_second_identical_run_and_a_learning_rate_sweep_compile_nothing():
     config = TrainConfig(epochs=1, batch_size=64)
     train_and_evaluate(config)
