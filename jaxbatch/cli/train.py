@@ -285,7 +285,8 @@ def run(args) -> int:
         return 0
     if result.target:
         print(target_line(result.target, final))
-    print(f"test accuracy {final['test_accuracy']:.4f} after {final['epoch']} epochs; "
+    epochs = f"{final['epoch']} epoch" + "s" * (final["epoch"] != 1)
+    print(f"test accuracy {final['test_accuracy']:.4f} after {epochs}; "
           f"metrics and params in {config.out}/")
     if args.plot and config.out:
         from jaxbatch.curves import plot_runs, read_run
