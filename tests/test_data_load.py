@@ -1,5 +1,7 @@
 """load(): the bundled default, name checks, source selection and `jaxbatch data list`."""
 
+import zipfile
+
 import numpy as np
 import pytest
 from data_fixtures import random_split, write_idx_split
@@ -32,8 +34,20 @@ def test_a_damaged_digits_file_is_one_clear_error(tmp_path, monkeypatch):
     damaged = tmp_path / "digits.npz"
     damaged.write_bytes(digits.FILE.read_bytes()[:1000])  # cut short, as a broken install would leave it
     monkeypatch.setattr(digits, "FILE", damaged)
-    with pytest.raises(JaxbatchError, match=r"bundled digits file .* cannot be read .*reinstall jaxbatch"):
+    with pytest.raises(JaxbatchError, match=r"bundled digits file .* is not an npz archive .*; reinstall jaxbatch"):
         digits.load_digits("train")
+    damaged.write_bytes(b"not an archive")  # no pickle talk: np.load alone suggested allow_pickle
+    with pytest.raises(JaxbatchError, match=r"is not an npz archive \(cut short or overwritten\); reinstall") as err:
+        digits.load_digits("train")
+    assert "pickle" not in str(err.value)
+    with zipfile.ZipFile(damaged, "w") as archive:  # an archive without the split's arrays
+        archive.writestr("other.npy", b"")
+    with pytest.raises(JaxbatchError, match=r"cannot be read \(KeyError: .*reinstall jaxbatch"):
+        digits.load_digits("train")
+    monkeypatch.setattr(digits, "FILE", tmp_path / "gone.npz")
+    with pytest.raises(JaxbatchError, match=r"gone.npz is missing; reinstall jaxbatch"):
+        digits.load_digits("train")
+    monkeypatch.setattr(digits, "FILE", damaged)
     np.savez(damaged, train_images=np.zeros((3, 8, 8, 1), np.uint8), train_labels=np.zeros(3, np.int32))
     with pytest.raises(JaxbatchError, match=r"holds train arrays of shape \(3, 8, 8, 1\).*reinstall"):
         digits.load_digits("train")

@@ -34,18 +34,23 @@ SIZES = get_spec("digits").sizes  # {"train": 1347, "test": 450}, from the catal
 
 def load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     """One split, (uint8 images (n, 8, 8, 1), int32 labels), from the bundled file."""
+    reinstall = "reinstall jaxbatch (pip install -e . from the clone)"
+    if not zipfile.is_zipfile(FILE):  # missing, cut short or overwritten: np.load's own error would
+        # speak of pickles and suggest allow_pickle, the wrong advice for a package's data file
+        state = "is not an npz archive (cut short or overwritten)" if FILE.exists() else "is missing"
+        raise JaxbatchError(f"the bundled digits file {FILE} {state}; {reinstall}")
     try:
         with np.load(FILE, allow_pickle=False) as arrays:
             images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise JaxbatchError(f"the bundled digits file {FILE} cannot be read ({type(err).__name__}: {err}); "
-                            "reinstall jaxbatch (pip install -e . from the clone)") from None
+                            f"{reinstall}") from None
     n = SIZES[split]
     if images.shape != (n, 8, 8, 1) or images.dtype != np.uint8 or labels.shape != (n,) \
             or labels.dtype != np.int32:
         raise JaxbatchError(f"the bundled digits file {FILE} holds {split} arrays of shape {images.shape} "
                             f"{images.dtype} and {labels.shape} {labels.dtype}, not ({n}, 8, 8, 1) uint8 and "
-                            f"({n},) int32; reinstall jaxbatch (pip install -e . from the clone)")
+                            f"({n},) int32; {reinstall}")
     return images, labels
 
 
