@@ -37,9 +37,28 @@ def test_poisson_inclusion_frequencies_and_counts():
     assert np.array_equal(again, idx[5:9])
     other = privacy.draw_batches(4, np.arange(5, 9), n, slots, q)[0]
     assert not np.array_equal(other, idx[5:9])
-    # drawn STEPS_PER_DRAW steps at a time: the same batches across a block's edge
-    edge = np.arange(privacy.STEPS_PER_DRAW - 2, privacy.STEPS_PER_DRAW + 2)
-    assert np.array_equal(privacy.draw_batches(3, edge, n, slots, q)[0], idx[edge])
+    # a step's batch does not depend on which other steps are drawn with it, nor in what order
+    picked = np.array([399, 7, 250, 8])
+    assert np.array_equal(privacy.draw_batches(3, picked, n, slots, q)[0], idx[picked])
+
+
+def test_every_pair_of_examples_joins_together_at_rate_q_squared():
+    # Independent joins, not only the right marginals: a draw of exactly B
+    # distinct examples, or B with replacement, has the same mean size and
+    # the same per-example rate, but not Binomial sizes (above) or pair rates
+    # q^2. Here n = 6 examples over 20,000 steps, each of the 15 pairs.
+    n, q, steps = 6, 0.3, 20000
+    idx, weights = privacy.draw_batches(11, np.arange(steps), n, 8, q)
+    joins = np.zeros((steps, n))
+    for row, (i, w) in enumerate(zip(idx, weights)):
+        joins[row, i[w > 0]] = 1
+    pairs = (joins.T @ joins) / steps
+    off = pairs[~np.eye(n, dtype=bool)]
+    assert np.all(np.abs(off - q * q) < 4 * np.sqrt(q * q * (1 - q * q) / steps))
+    assert np.all(np.abs(np.diag(pairs) - q) < 4 * np.sqrt(q * (1 - q) / steps))
+    # the empty batch occurs, at rate (1 - q)^n
+    empty = np.mean(joins.sum(axis=1) == 0)
+    assert abs(empty - (1 - q) ** n) < 4 * np.sqrt((1 - q) ** n / steps)
 
 
 def test_a_batch_that_overflows_its_slots_gets_more_never_cut():
