@@ -16,6 +16,8 @@ def test_train_end_to_end_one_epoch(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "epoch   1" in proc.stdout
     assert f"after 1 epoch; metrics and params in {out}/" in proc.stdout.splitlines()[-1]
+    # stderr is a pipe here, not a terminal: no progress bar redrawn into it
+    assert "\r" not in proc.stderr and "step/s" not in proc.stderr and "epoch 1:" not in proc.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert (out / "params.msgpack").stat().st_size > 0
 
@@ -78,3 +80,17 @@ def test_epoch_times_keep_three_figures():
 
     assert [format_seconds(t) for t in (123.4, 9.412, 0.00581, 0.0000123)] == ["123 s", "9.41 s", "5.81 ms",
                                                                                  "12.3 us"]
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal(tmp_path, monkeypatch, capsys):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["train", "--epochs", "1", "--max-steps", "16", "--out", str(tmp_path / "run")]) == 0
+    assert "epoch 1:" in terminal.getvalue() and "step" in terminal.getvalue()
+    assert "epoch   1" in capsys.readouterr().out  # the epoch line itself goes to stdout either way

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--plot", action="store_true", help="draw the run's curves into its folder at the end "
                    "(curves.png; jaxbatch plot compares runs)")
     add_flags(p, TrainConfig)  # every setting's flag, help and valid range, from its declaration
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
     g = p.add_argument_group("several hosts (jax.distributed)")
     g.add_argument("--coordinator", metavar="HOST:PORT",
                    help="address of process 0's coordinator; with --num-processes and --process-id")
@@ -236,9 +236,11 @@ def run(args) -> int:
                           file=sys.stderr, flush=True)
                 print(f"resuming from {r['path']}: epoch {r['epoch']}, step {r['epoch_step']} of the epoch "
                       f"({r['step']} in all)", flush=True)
-        elif event["kind"] == "epoch_start" and not args.quiet:
+        elif event["kind"] == "epoch_start" and not args.quiet and sys.stderr.isatty():
             # Created before the epoch's first step is launched, so its rate
             # counts the whole time the steps took (and compiling, in epoch 1).
+            # Only on a terminal: redrawn with carriage returns, a bar written
+            # to a file (`> log 2>&1`) would fill it with one update per chunk.
             bar = tqdm(total=event["steps"], desc=f"epoch {event['epoch']}", unit="step",
                        leave=False, file=sys.stderr)
             bar_showing(args, True)  # a signal's notice then starts on a new line, not after the bar
