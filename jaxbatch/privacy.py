@@ -282,7 +282,10 @@ def members(seed: int, step: int, n: int, rate: float) -> np.ndarray:
     every set is as likely as any other. A uniform number per example and
     step costs n draws a step instead of about B: for MNIST at B = 256 an
     epoch's 235 x 60,000 threefry uniforms took 0.26 s on the 2-core CPU,
-    a third of the mlp's private epoch; this draw takes about 20 ms."""
+    a third of the mlp's private epoch; this draw takes about 20 ms.
+    NumPy keeps a Generator's draws the same within a NumPy version (as JAX
+    keeps its own within a JAX version): every process of a run, and a run
+    resumed, must draw with the same NumPy to see the same batches."""
     rng = np.random.default_rng([int(seed), SAMPLE_STREAM, int(step)])
     return np.sort(rng.choice(n, rng.binomial(n, rate), replace=False))
 
