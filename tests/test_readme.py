@@ -62,8 +62,29 @@ def test_the_readmes_quick_commands_run_and_print_what_it_shows(tmp_path, monkey
         lines = {shape(line) for line in printed[command].splitlines()}
         for line in shown[command].splitlines():
             if line.strip() and line.strip() != "...":
+                # The README shows a user's shell, where jaxbatch chooses the host device count and
+                # says so; here JAX has started already (and conftest sets JAX_NUM_CPU_DEVICES), so the
+                # start line has no such note. The note itself: test_the_start_line_says_one_device_...
+                line = line.replace(MLP_DEVICE_NOTE, "")
                 assert shape(line) in lines, f"{command}: the README shows {line!r}, which it no longer prints"
     assert sorted(p.name for p in (tmp_path / "runs/mlp-digits").iterdir()) == ["1", "2"]
+
+
+MLP_DEVICE_NOTE = " (one host device: no convolution to spread over cores)"
+
+
+def test_the_start_line_says_one_device_for_the_mlp_as_the_readme_shows(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    assert MLP_DEVICE_NOTE in shown_output(README)["jaxbatch train"]
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    proc = subprocess.run([sys.executable, "-m", "jaxbatch", "train", "--quiet", "--epochs", "1", "--max-steps", "2",
+                           "--out", str(tmp_path / "run")], env={**env, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"1 x cpu{MLP_DEVICE_NOTE}; run folder" in proc.stdout.splitlines()[0]
 
 
 def extras_named(text: str) -> set[str]:
