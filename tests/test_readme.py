@@ -4,12 +4,16 @@ reason it is not (real data, long, the network...), and what it shows a
 command print is what the command prints, numbers aside. The site's pages
 have the same test, tests/test_docs.py."""
 
+import os
 import re
 from pathlib import Path
 
+from cli_helpers import run_script
 from markdown_blocks import code_blocks, run_commands, shell_commands
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+# What the start line adds where jaxbatch chose the host device count (a user's shell).
+MLP_DEVICE_NOTE = " (one host device: no convolution to spread over cores)"
 
 # Run here, in README order, each once, offline, in a fresh folder: a few seconds each on 2 CPU cores.
 RUN = [
@@ -70,21 +74,13 @@ def test_the_readmes_quick_commands_run_and_print_what_it_shows(tmp_path, monkey
     assert sorted(p.name for p in (tmp_path / "runs/mlp-digits").iterdir()) == ["1", "2"]
 
 
-MLP_DEVICE_NOTE = " (one host device: no convolution to spread over cores)"
-
-
 def test_the_start_line_says_one_device_for_the_mlp_as_the_readme_shows(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     assert MLP_DEVICE_NOTE in shown_output(README)["jaxbatch train"]
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
-    proc = subprocess.run([sys.executable, "-m", "jaxbatch", "train", "--quiet", "--epochs", "1", "--max-steps", "2",
-                           "--out", str(tmp_path / "run")], env={**env, "JAX_PLATFORMS": "cpu"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert f"1 x cpu{MLP_DEVICE_NOTE}; run folder" in proc.stdout.splitlines()[0]
+    output = run_script("-m", "jaxbatch", "train", "--quiet", "--epochs", "1", "--max-steps", "2", "--out",
+                        str(tmp_path / "run"), timeout=300, env={**env, "JAX_PLATFORMS": "cpu"})
+    start = next(line for line in output.splitlines() if line.startswith("training mlp on digits"))
+    assert f"1 x cpu{MLP_DEVICE_NOTE}; run folder" in start
 
 
 def extras_named(text: str) -> set[str]:
