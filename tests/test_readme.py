@@ -26,7 +26,7 @@ NOT_RUN = {
     'pip install -e ".[test,docs]"': PIP,
     'python -m pytest -q -n auto --dist loadscope -m "not slow"': "the test suite itself",
     "python -m pytest -q -n auto --dist loadscope": "the test suite itself",
-    "jaxbatch train --dp-clip 1 --dp-epsilon 3": "about a minute on 2 CPU cores (calibrating the noise, compiling "
+    "jaxbatch train --dp-clip 1 --dp-epsilon 3": "about half a minute on 2 CPU cores (calibrating the noise, compiling "
     "the private step); tests/test_dp_sampling.py calibrates, tests/test_privacy.py trains privately",
 }
 
