@@ -151,7 +151,11 @@ def test_entry_named_before_format_numbers_is_never_read(tmp_path, own_cache, de
     data_dir = mnist_tarball(tmp_path)
     first = load_fresh(data_dir)
     (entry,) = own_cache.glob("*.npz")
-    unnumbered = entry.with_name(entry.name.replace(f"f{cache.FORMAT}-", ""))
+    # The format mark is the last "f<FORMAT>-" in the name: the state digest after it has no dash,
+    # while the source digest before it is random hex that may itself end in "f<FORMAT>".
+    head, mark, state = entry.name.rpartition(f"-f{cache.FORMAT}-")
+    unnumbered = entry.with_name(f"{head}-{state}")
+    assert mark and unnumbered.name.count("-") == 3
     entry.rename(unnumbered)
     load_fresh(data_dir)
     assert len(decodes) == 2 and sorted(own_cache.iterdir()) == [entry]
