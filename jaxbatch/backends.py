@@ -1,7 +1,7 @@
 """Choices that depend on the XLA backend, in one place, with the measurements
 that justify each.
 
-jaxbatch's code is the same on every backend. Two XLA:CPU behaviours were
+jaxbatch's code is the same on every backend. A few XLA:CPU behaviours were
 slow enough to be worth a workaround there, and only there:
 
 1. `mask_max_pool`: the gradient of `flax.linen.max_pool` is XLA's
@@ -42,10 +42,32 @@ slow enough to be worth a workaround there, and only there:
    JAX_NUM_CPU_DEVICES, jax.config's jax_num_cpu_devices, XLA_FLAGS'
    --xla_force_host_platform_device_count, or --devices.
 
+4. `padding_cut_in_step`: a Poisson batch is padded to the worst case (B
+   plus six standard deviations, privacy.py), and a step should compute on
+   as few of those slots as its batch needs. Inside the step, B slots, then
+   blocks of 8 in a loop only as far as the batch reaches
+   (chunks.front_sum, privacy.front_blocks): one program, and 264 slots a
+   step on average at B = 256 of MNIST. Cut per chunk on the host instead
+   (privacy.trim), a chunk of the mlp's 24 steps takes 296 slots when all
+   of them fit and 352 otherwise, 304 on average, and the second size
+   compiles again mid-run (3 to 5 s for the mlp). In two runs of five
+   interleaved rounds of private mlp epochs at B = 256 on one device
+   (`JAX_NUM_CPU_DEVICES=1 python scripts/dp_cost.py --models mlp --rounds
+   5`; the 2-core AMD EPYC without AVX-512, quiet), cut in the step a
+   Poisson epoch took 1.02x and 1.07x a shuffled one, cut per chunk 1.09x
+   and 1.15x. The first private epoch on digits compiles about 2 s longer
+   (the loop's block is a second shape), and never again. But XLA:CPU
+   runs convolutions inside a loop or a conditional slowly (choice 2; the
+   cnn's overflow slots under `lax.cond`: 386 ms a step at B = 256 against
+   306 ms cut per chunk), so a model with a convolution keeps the chunk
+   cut, as does a run on several devices (a cut inside the step would move
+   a sharded batch's examples between them).
+
 GPUs and TPUs take the plain path (`flax.linen.max_pool`; rolled scans over
-about a tenth of an epoch) until a measurement there says otherwise. Each
-choice has a test that both paths compute the same numbers
-(tests/test_models.py, tests/test_train.py).
+about a tenth of an epoch; Poisson padding cut per chunk) until a
+measurement there says otherwise. Each choice has a test that both paths
+compute the same numbers (tests/test_models.py, tests/test_train.py,
+tests/test_dp_sampling.py).
 """
 
 from __future__ import annotations
@@ -64,11 +86,12 @@ class Choices(NamedTuple):
     mask_max_pool: bool  # max pool with a mask gradient instead of select_and_scatter_add
     unrolled_conv_steps: int | None  # steps per unrolled scan call for models with a convolution
     conv_devices_per_core: bool = False  # a model with a convolution runs data-parallel, one host device per core
+    padding_cut_in_step: bool = False  # a Poisson batch's padding cut inside the step, for a model without a convolution
 
 
 PLAIN = Choices(mask_max_pool=False, unrolled_conv_steps=None)
 CHOICES = {
-    "cpu": Choices(mask_max_pool=True, unrolled_conv_steps=8, conv_devices_per_core=True),
+    "cpu": Choices(mask_max_pool=True, unrolled_conv_steps=8, conv_devices_per_core=True, padding_cut_in_step=True),
 }
 
 # The backend a program is traced for before any backend has started (the
@@ -183,6 +206,14 @@ def warn_if_few_devices(config, has_conv: bool) -> None:
             f"devices (data-parallel) than the {jax.device_count()} JAX started with; right after importing jax, "
             f"call jax.config.update('jax_num_cpu_devices', {wanted}) (or set JAX_NUM_CPU_DEVICES={wanted}); "
             "devices=1 in the config keeps one device and this quiet"), stacklevel=4)
+
+
+def cut_padding_in_step(has_convolution: bool, devices: int) -> bool:
+    """Whether a Poisson batch's padding is cut inside each step
+    (chunks.front_sum; choice 4) rather than per chunk of steps on the host
+    (privacy.trim): where the backend has `padding_cut_in_step`, for a model
+    without a convolution on one device."""
+    return choices().padding_cut_in_step and not has_convolution and devices == 1
 
 
 def unroll_loop(body, *args) -> bool:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxbatch.chunks import chunked_sum
+from jaxbatch.chunks import chunked_sum, front_sum
 from jaxbatch.losses import clipped_grad_sum
 
 
@@ -72,6 +72,7 @@ class ClippedGrad(NamedTuple):
     mesh: Mesh | None = None
     expected: bool = False  # divide by the expected batch size numbers["dp"]["batch"] (Poisson batches)
     physical: int | None = None  # microbatches of at most this many examples (jaxbatch/chunks.py)
+    front: tuple[int, ...] = ()  # Poisson batches: (base, block), computed only as far as they reach (chunks.front_sum)
 
     def __call__(self, params, x, labels, weights, step, numbers):
         clip = numbers["dp"]["clip"]
@@ -79,10 +80,15 @@ class ClippedGrad(NamedTuple):
         def clipped_sum(arrays, w):
             return clipped_grad_sum(self.apply_fn, params, *arrays, clip, w, chunk=self.chunk, mesh=self.mesh)
 
-        # A logical batch in physical microbatches: the clipped sum is a sum over
-        # examples, so adding the microbatches' sums is the whole batch's.
-        total, per_example = chunked_sum(clipped_sum, self.physical or len(weights), (x, labels), weights,
-                                         unroll=False)  # microbatches are for memory: rolled, buffers reused
+        def batch_sum(arrays, w):
+            # A logical batch in physical microbatches: the clipped sum is a sum over
+            # examples, so adding the microbatches' sums is the whole batch's.
+            return chunked_sum(clipped_sum, self.physical or len(w), arrays, w,
+                               unroll=False)  # microbatches are for memory: rolled, buffers reused
+
+        # With `front` (Poisson batches), the joined examples come first and the
+        # padding after them is skipped, a block of slots at a time.
+        total, per_example = front_sum(batch_sum, self.front, (x, labels), weights)
         n = jnp.sum(weights)
         norms = per_example["norms"]
         sums = {"clipped": jnp.sum(weights * (norms > clip)), "norm_sum": jnp.sum(weights * norms)}

@@ -363,13 +363,16 @@ def _train(config, mesh, model, grad_fn, params, train_ds, test_ds, notify, stop
     state, numbers = devices.place((state, numbers), everywhere)
     train_data = devices.place((train_ds.images, train_ds.labels), everywhere)
     test_x, test_y = devices.place((test_ds.images, test_ds.labels), everywhere)
-    chunk_fn = partial(run_chunk, grad_fn=grad_fn, optimizer=optimizer, unroll=unroll,
-                       record=config.record_steps > 0)
     slots = cut = None
     multiple = batch_multiple(config, mesh)
-    if poisson(config):  # padded Poisson batches: the slots for the worst case, cut per chunk (privacy.trim)
+    if poisson(config):  # padded Poisson batches: the slots for the worst case, their padding cut
         slots = privacy.batch_slots(config.batch_size, n, multiple)
-        cut = privacy.typical_slots(config.batch_size, n, multiple)
+        if backends.cut_padding_in_step(has_conv, mesh.size):  # in each step (chunks.front_sum)
+            grad_fn = grad_fn._replace(front=privacy.front_blocks(config.batch_size, n, multiple))
+        else:  # per chunk of steps (privacy.trim)
+            cut = privacy.typical_slots(config.batch_size, n, multiple)
+    chunk_fn = partial(run_chunk, grad_fn=grad_fn, optimizer=optimizer, unroll=unroll,
+                       record=config.record_steps > 0)
     reason = stop_requested()
     if reason:  # before the first file: the folder stays as it was
         raise Interrupted(reason, position["epoch"], position["epoch_step"], None, started=False)

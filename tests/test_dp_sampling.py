@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbatch import TrainConfig, get_model, init_key, init_params, privacy, train_and_evaluate
+from jaxbatch import TrainConfig, backends, get_model, init_key, init_params, privacy, train_and_evaluate
 from jaxbatch.gradients import ClippedGrad
 from jaxbatch.precision import enable_x64, relative_difference
 
@@ -89,8 +89,14 @@ def test_a_chunk_whose_batches_fit_is_cut_to_typical_slots_and_keeps_every_joine
     assert privacy.trim(np.zeros((2, slots), np.int32), over, typical)[1].shape == (2, slots)
 
 
+def chunk_cut_only(monkeypatch):
+    """The padding cut per chunk (privacy.trim) for every model, as for a model with a convolution on the CPU."""
+    monkeypatch.setitem(backends.CHOICES, "cpu", backends.CHOICES["cpu"]._replace(padding_cut_in_step=False))
+
+
 def test_trimmed_chunks_train_the_same_run_as_whole_slots(monkeypatch):
     config = TrainConfig(dtype="float64", epochs=1, batch_size=64, dp_clip=0.5, dp_noise=1.0, max_steps=12)
+    chunk_cut_only(monkeypatch)
     trim, kept = privacy.trim, []
     monkeypatch.setattr(privacy, "trim", lambda *a: kept.append(trim(*a)[0].shape[1]) or trim(*a))
     trimmed = train_and_evaluate(config)
@@ -98,6 +104,21 @@ def test_trimmed_chunks_train_the_same_run_as_whole_slots(monkeypatch):
     monkeypatch.setattr(privacy, "trim", lambda idx, weights, step: (idx, weights))
     whole = train_and_evaluate(config)
     assert relative_difference(trimmed.params, whole.params) <= 1e-12
+
+
+def test_padding_cut_inside_the_step_trains_the_same_run_as_whole_slots(monkeypatch):
+    """The mlp on one CPU device cuts its padding inside each step (chunks.front_sum), never per chunk."""
+    config = TrainConfig(dtype="float64", epochs=1, batch_size=64, dp_clip=0.5, dp_noise=1.0, max_steps=12)
+    front_blocks, chosen, trimmed = privacy.front_blocks, [], []
+    monkeypatch.setattr(privacy, "front_blocks", lambda *a: chosen.append(front_blocks(*a)) or chosen[-1])
+    monkeypatch.setattr(privacy, "trim", lambda *a: trimmed.append(a) or a[:2])
+    cut = train_and_evaluate(config)
+    assert chosen == [(64, 8)] and not trimmed  # B, then blocks of 8 of the 112 slots
+    chunk_cut_only(monkeypatch)
+    whole = train_and_evaluate(config)  # the trim above keeps every slot
+    assert trimmed and {idx.shape[1] for idx, *_ in trimmed} == {privacy.batch_slots(64, 1347)} == {112}
+    assert relative_difference(cut.params, whole.params) <= 1e-12
+    assert cut.history[-1]["test_loss"] == pytest.approx(whole.history[-1]["test_loss"], rel=1e-12)
 
 
 def test_padding_and_microbatches_never_change_the_clipped_sum():
@@ -115,6 +136,14 @@ def test_padding_and_microbatches_never_change_the_clipped_sum():
         real = clipped(ClippedGrad(model.apply, expected=True), x[:17], y[:17], w[:17])
         padded = clipped(ClippedGrad(model.apply, expected=True), x, y, w)
         micro = clipped(ClippedGrad(model.apply, expected=True, physical=8), x, y, w)
+        # computed as far as the 17th slot only: a base of 8, blocks of 4 (or 8, in microbatches of 8)
+        cuts = [clipped(ClippedGrad(model.apply, expected=True, front=front, physical=physical), x, y, w)
+                for front, physical in [((8, 4), None), ((8, 8), 8), ((16, 3), None)]]
+        for cut, reached in zip(cuts, [20, 24, 19]):
+            assert relative_difference(cut[0], real[0]) <= 1e-13
+            assert float(cut[1]) == pytest.approx(float(real[1]), rel=1e-13)
+            assert cut[2].shape == padded[2].shape and not np.any(cut[2][reached:])  # zeros past the blocks run
+            np.testing.assert_allclose(cut[2][:reached], padded[2][:reached], rtol=1e-13)
         shuffled = clipped(ClippedGrad(model.apply), x, y, w)
         assert relative_difference(padded[0], real[0]) <= 1e-13
         assert relative_difference(micro[0], real[0]) <= 1e-13
