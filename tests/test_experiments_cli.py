@@ -169,10 +169,13 @@ def test_the_library_refuses_with_the_same_words():
 
 
 def help_text(capsys, name) -> str:
-    with pytest.raises(SystemExit) as exit_:
+    # argparse wraps lines at the terminal's width, and breaks words at hyphens
+    # ("comma-" / "separated") at some widths: a width that wraps nothing.
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_:
+        patch.setenv("COLUMNS", "1000")
         main(["experiment", name, "--help"])
     assert exit_.value.code == 0
-    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
+    return " ".join(capsys.readouterr().out.split())
 
 
 def test_help_shows_each_default_and_the_quick_value_where_it_differs(capsys):
