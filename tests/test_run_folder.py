@@ -299,14 +299,19 @@ def child(args, env=None, stdout=subprocess.PIPE, **kw):
                             env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}, **kw)
 
 
+def end(proc) -> None:
+    """The child and all it started killed, if it is still running (its own process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def finish(proc) -> tuple[int, str]:
     try:
         output, _ = proc.communicate(timeout=TIMEOUT_S)
         return proc.returncode, output
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        end(proc)
 
 
 def test_a_chunked_clip_on_two_devices_is_refused_before_touching_the_run(done_run):
@@ -355,9 +360,7 @@ def test_a_signal_at_any_moment_is_one_clean_stop(tmp_path, signum, delays):
                 os.kill(proc.pid, signum)
             status = proc.wait(timeout=TIMEOUT_S)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            end(proc)
     output = log_path.read_text()
     assert status == 128 + signum, output
     assert "Traceback" not in output and "Exception ignored" not in output, output
@@ -401,9 +404,7 @@ def test_a_second_signal_while_the_process_exits_still_stops_it_at_once(tmp_path
             os.kill(proc.pid, signal.SIGINT)
             status = proc.wait(timeout=TIMEOUT_S)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            end(proc)
     output = log_path.read_text()
     assert status == 130, output
     assert "resume with:" in output and "jaxbatch: stopped at once by a second SIGINT" in output, output
