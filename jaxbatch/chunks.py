@@ -31,6 +31,11 @@ import jax.numpy as jnp
 from jaxbatch import backends
 
 
+def pad_rows(a, count: int):
+    """`a` with `count` rows of zeros after its own (weight-0 examples, or results never computed)."""
+    return jnp.concatenate([a, jnp.zeros((count, *a.shape[1:]), a.dtype)]) if count else a
+
+
 def chunked_sum(fn, chunk: int, arrays: tuple, weights, unroll: bool | None = None):
     """(summed pytree, per-example pytree) of fn(arrays, weights) over the batch,
     `chunk` examples per call; `arrays` are the batch's arrays (leading axis
@@ -46,9 +51,7 @@ def chunked_sum(fn, chunk: int, arrays: tuple, weights, unroll: bool | None = No
     pad = -b % chunk  # weight-0 examples that fill the last chunk
 
     def split(a):
-        if pad:
-            a = jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)])
-        return a.reshape(-1, chunk, *a.shape[1:])
+        return pad_rows(a, pad).reshape(-1, chunk, *a.shape[1:])
 
     parts = (tuple(split(a) for a in arrays), split(weights))
     first = jax.tree.map(lambda a: a[0], parts)
@@ -85,11 +88,9 @@ def front_sum(fn, front, arrays: tuple, weights):
     base, block = front
     b = weights.shape[0]
     pad = -(b - base) % block  # weight-0 examples that fill the last block
-    if pad:
-        arrays = tuple(jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) for a in arrays)
-        weights = jnp.concatenate([weights, jnp.zeros((pad,), weights.dtype)])
+    arrays, weights = tuple(pad_rows(a, pad) for a in arrays), pad_rows(weights, pad)
     total, first = fn(tuple(a[:base] for a in arrays), weights[:base])
-    per_example = jax.tree.map(lambda a: jnp.pad(a, [(0, b + pad - base)] + [(0, 0)] * (a.ndim - 1)), first)
+    per_example = jax.tree.map(lambda a: pad_rows(a, b + pad - base), first)
 
     def add(j, carry):
         total, per_example = carry
@@ -102,6 +103,6 @@ def front_sum(fn, front, arrays: tuple, weights):
 
     # One past the last example that counts: the blocks must reach it.
     needed = jnp.max(jnp.where(weights > 0, jnp.arange(1, b + pad + 1), 0))
-    blocks = jnp.maximum(needed - base, 0) // block + ((jnp.maximum(needed - base, 0) % block) > 0)
+    blocks = (jnp.maximum(needed - base, 0) + block - 1) // block
     total, per_example = jax.lax.fori_loop(0, blocks, add, (total, per_example))
     return total, jax.tree.map(lambda a: a[:b], per_example)
